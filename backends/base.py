@@ -1,0 +1,98 @@
+"""The stage interface every cosytools backend implements.
+
+A backend executes the three model stages of one loaded model on one device and dtype.
+The pipeline, the parity harness and the benchmark only talk to this interface.
+
+Stage calls (all tensors batch 1, token tensors integer, on any device):
+
+``llm_session(text, prompt_text, prompt_speech_token, max_new_tokens) -> LLMSession``
+    prefill; the session exposes ``logp`` (float32 log-probs over ``speech_token_size+200``
+    ids for the next token) and ``step(token)`` which feeds one token back (KV-cached).
+``llm_generate(text, prompt_text, prompt_speech_token, *, min_len, max_len, generator, sampled)``
+    yields speech tokens (stop token excluded) with RAS sampling, upstream's length rules.
+``llm_teacher_force(text, prompt_text, prompt_speech_token, forced_tokens)``
+    -> ``TeacherForcedResult(logp [K+1,V], step_hidden [K+1,H])``.
+``flow(token, prompt_token, prompt_feat, embedding, *, streaming, finalize, noise)``
+    -> mel ``[1, 80, 2*T]`` (float32), prompt frames removed.
+``hift(mel, *, finalize, noise)`` -> ``(speech [1, samples], source [1, 1, N])`` float32.
+
+Taps (``cosytools.taps``) are emitted by the model code; a backend that cannot expose some
+intermediate simply does not emit it, and the parity harness compares what exists.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from cosytools.loading import CosyVoice3Model
+
+__all__ = ["Backend", "LLMSession"]
+
+
+class LLMSession(abc.ABC):
+    """A prefilled LLM with its KV cache; ``logp`` predicts the next token."""
+
+    logp: torch.Tensor
+    hidden: torch.Tensor
+
+    @abc.abstractmethod
+    def step(self, token: int) -> torch.Tensor:
+        """Feed ``token``; return (and store in ``self.logp``) the next log-probs."""
+
+
+class Backend(abc.ABC):
+    """Base class of execution backends (see the module docstring for the stage interface)."""
+
+    name: str = "?"
+
+    def __init__(self, model: CosyVoice3Model, **options: Any) -> None:
+        self.model = model
+        self.options = options
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def describe(self) -> Dict[str, Any]:
+        """Settings worth printing next to results (backend name, device, dtype, options)."""
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                **{k: v for k, v in self.options.items() if isinstance(v, (str, int, float, bool))}}
+
+    # -- LLM --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
+                    max_new_tokens: int) -> LLMSession:
+        ...
+
+    @abc.abstractmethod
+    def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
+                     min_len: Optional[int] = None, max_len: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None,
+                     sampled: Optional[List[int]] = None) -> Iterator[int]:
+        ...
+
+    @abc.abstractmethod
+    def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
+                          forced_tokens: Sequence[int]) -> Any:
+        ...
+
+    # -- flow / hift ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def flow(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+             embedding: torch.Tensor, *, streaming: bool = False, finalize: bool = True,
+             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ...
+
+    @abc.abstractmethod
+    def hift(self, mel: torch.Tensor, *, finalize: bool = True,
+             noise: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def warmup(self) -> None:
+        """Compile / capture whatever the backend needs before timing (no-op for eager)."""

@@ -1,0 +1,103 @@
+"""The ``eager`` backend: the cosytools model modules run as written, in PyTorch eager mode."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from cosytools.errors import InputError
+from cosytools.models.llm import TeacherForcedResult
+from cosytools.models.qwen2 import KVCache
+from cosytools.taps import paused
+
+from .base import Backend, LLMSession
+
+__all__ = ["EagerBackend"]
+
+
+def _ids(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() == 1:
+        t = t[None]
+    return t.to(device=device, dtype=torch.long)
+
+
+class _EagerSession(LLMSession):
+    def __init__(self, lm: Any, lm_input: torch.Tensor, max_new_tokens: int) -> None:
+        self.lm = lm
+        self.cache: KVCache = lm.new_cache(lm_input.shape[1] + max_new_tokens + 1, lm_input.device, lm_input.dtype)
+        self.logp, self.hidden = lm.prefill(lm_input, self.cache)
+        self.prompt_len = lm_input.shape[1]
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        with paused():
+            self.logp, self.hidden = self.lm.step(int(token), self.cache)
+        return self.logp
+
+
+class EagerBackend(Backend):
+    """Reference execution of the model definition (CPU or CUDA, float32/bf16/fp16)."""
+
+    name = "eager"
+
+    def _need(self, comp: str) -> Any:
+        m = getattr(self.model, comp)
+        if m is None:
+            raise InputError(f"the {comp} stage was not loaded for this run")
+        return m
+
+    # -- LLM --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
+                    max_new_tokens: int) -> LLMSession:
+        lm = self._need("llm")
+        d = self.device
+        lm_input = lm.build_lm_input(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d))
+        return _EagerSession(lm, lm_input, max_new_tokens)
+
+    def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
+                     min_len: Optional[int] = None, max_len: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None,
+                     sampled: Optional[List[int]] = None) -> Iterator[int]:
+        lm = self._need("llm")
+        d = self.device
+        yield from lm.inference(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d),
+                                min_len=min_len, max_len=max_len, generator=generator, sampled=sampled)
+
+    def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
+                          forced_tokens: Sequence[int]) -> TeacherForcedResult:
+        lm = self._need("llm")
+        d = self.device
+        return lm.teacher_force(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d),
+                                [int(t) for t in forced_tokens])
+
+    # -- flow / hift ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def flow(self, token: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+             embedding: torch.Tensor, *, streaming: bool = False, finalize: bool = True,
+             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        flow = self._need("flow")
+        d, dt = self.device, self.dtype
+        token, prompt_token = _ids(token, d), _ids(prompt_token, d)
+        prompt_feat = prompt_feat.to(d, dt)
+        if prompt_feat.dim() == 2:
+            prompt_feat = prompt_feat[None]
+        embedding = embedding.to(d, dt).reshape(1, -1)
+        n = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32, device=d)  # noqa: E731
+        mel, _ = flow.inference(token=token, token_len=n(token), prompt_token=prompt_token,
+                                prompt_token_len=n(prompt_token), prompt_feat=prompt_feat,
+                                prompt_feat_len=n(prompt_feat), embedding=embedding,
+                                streaming=streaming, finalize=finalize,
+                                noise=None if noise is None else noise.to(d))
+        return mel.float()
+
+    @torch.inference_mode()
+    def hift(self, mel: torch.Tensor, *, finalize: bool = True,
+             noise: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        hift = self._need("hift")
+        d = self.device
+        if noise is not None:
+            noise = {k: v.to(d) for k, v in noise.items()}
+        speech, source = hift.inference(mel.to(d, self.dtype), finalize=finalize, noise=noise)
+        return speech.float(), source.float()
