@@ -74,6 +74,14 @@ def get(name: str) -> type:
     return entry
 
 
-def create(name: str, model: Any, **options: Any) -> Backend:
-    """Instantiate backend ``name`` over a loaded :class:`cosytools.loading.CosyVoice3Model`."""
-    return get(name)(model, **options)
+def create(name: str, model: Any, capture: bool = True, **options: Any) -> Backend:
+    """Instantiate backend ``name`` over a loaded :class:`cosytools.loading.CosyVoice3Model`.
+
+    With ``COSYTOOLS_DUMP`` / ``FLOW_DEBUG_LOG_V`` set (and ``capture``), the backend comes
+    wrapped so that its stage calls are recorded (see :mod:`parity.capture`).
+    """
+    backend = get(name)(model, **options)
+    if capture:
+        from parity.capture import maybe_wrap
+        backend = maybe_wrap(backend)
+    return backend

@@ -62,5 +62,3 @@ def describe_model(model: Union[str, Path], fmt: str = "auto") -> Dict[str, Any]
         },
     }
 
-
-_ = nn  # re-exported type for callers that annotate with it

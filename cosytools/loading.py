@@ -125,11 +125,6 @@ def load_model(model: Union[str, Path, None] = None, components: Iterable[str] =
 
 
 def _cast(module: nn.Module, component: str, dtype: torch.dtype) -> nn.Module:
-    """Cast to a half dtype; HiFT keeps its F0 predictor in float64 (upstream's precision note)."""
-    if component == "hift" and hasattr(module, "f0_predictor"):
-        f0 = module.f0_predictor
-        module.f0_predictor = None
-        module.to(dtype)
-        module.f0_predictor = f0
-        return module
+    """Cast to a half dtype.  HiFT keeps its F0 predictor in float64 and its source module in
+    float32 by itself (see ``CausalHiFTGenerator._apply``); the flow keeps softmax in float32."""
     return module.to(dtype)

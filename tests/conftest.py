@@ -46,3 +46,13 @@ def load_ref(fixtures: Path):
     def _load(name: str):
         return read_dump(fixtures / "refs" / f"{name}.safetensors")
     return _load
+
+
+# property tests: no per-example deadline (CI has 2 slow cores), bounded example counts
+try:
+    from hypothesis import settings
+
+    settings.register_profile("cosytools", deadline=None, max_examples=50, derandomize=True)
+    settings.load_profile("cosytools")
+except ImportError:  # pragma: no cover
+    pass

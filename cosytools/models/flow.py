@@ -126,7 +126,7 @@ class CausalConditionalCFM(Float32BuffersMixin, nn.Module):
                 noise: Optional[Tensor] = None) -> Tuple[Tensor, None]:
         """Integrate the ODE: mu, cond [B, 80, L], mask [B, 1, L], spks [B, spk] -> (mel [B, 80, L] float32, None).
 
-        ``noise`` is the start state z [1 or B, 80, L]; default ``rand_noise[:, :, :L]``.
+        ``noise`` is the start state z [1 or B, 80, >=L] (its first L frames are used); default ``rand_noise[:, :, :L]``.
         """
         channels, length = mu.shape[1], mu.shape[2]
         if noise is None:
@@ -134,8 +134,10 @@ class CausalConditionalCFM(Float32BuffersMixin, nn.Module):
                 raise InputError(f"flow decoder: need noise [1, {channels}, {length}] but the fixed buffer is "
                                  f"{list(self.rand_noise.shape)}; pass noise explicitly")
             noise = self.rand_noise[:, :, :length]
-        elif noise.dim() != 3 or noise.shape[1] != channels or noise.shape[2] != length:
-            raise InputError(f"flow decoder: noise must be [1, {channels}, {length}], got {list(noise.shape)}")
+        elif noise.dim() != 3 or noise.shape[1] != channels or noise.shape[2] < length:
+            raise InputError(f"flow decoder: noise must be [1, {channels}, >={length}], got {list(noise.shape)}")
+        else:
+            noise = noise[:, :, :length]  # a longer table is used by prefix, like the fixed buffer
         z = noise.to(device=mu.device, dtype=torch.float32) * temperature
         t_span = self.t_span(n_timesteps, device=mu.device)
         return self.solve_euler(z, t_span, mu=mu, mask=mask, spks=spks, cond=cond, streaming=streaming), None
