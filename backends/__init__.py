@@ -24,6 +24,8 @@ ENTRY_POINT_GROUP = "cosytools.backends"
 # name -> a Backend subclass, or "module:attr" imported on first use
 _REGISTRY: Dict[str, Union[type, str]] = {
     "eager": "backends.eager:EagerBackend",
+    "compiled": "backends.compiled:CompiledBackend",
+    "onnx": "backends.onnx:OnnxBackend",
 }
 _entry_points_loaded = False
 

@@ -155,13 +155,13 @@ def backends_cmd(as_json: bool) -> None:
 
 def _register_optional_commands() -> None:
     """Commands living in other modules (parity, dump, bench, export) add themselves here."""
-    for mod in ("parity.cli",):
-        try:
-            m = __import__(mod, fromlist=["register"])
-        except ImportError as e:  # pragma: no cover - only when a module is missing from the install
-            log.debug("optional commands %s unavailable: %s", mod, e)
+    import importlib
+    import importlib.util
+
+    for mod in ("parity.cli", "cosytools.export_cli", "cosytools.bench"):
+        if importlib.util.find_spec(mod) is None:
             continue
-        m.register(cli)
+        importlib.import_module(mod).register(cli)
 
 
 def main(argv: Optional[list] = None) -> int:
