@@ -59,11 +59,12 @@ class EagerBackend(Backend):
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
         lm = self._need("llm")
         d = self.device
         yield from lm.inference(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d),
-                                min_len=min_len, max_len=max_len, generator=generator, sampled=sampled)
+                                min_len=min_len, max_len=max_len, generator=generator, sampled=sampled,
+                                strict_min_len=strict_min_len)
 
     def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                           forced_tokens: Sequence[int]) -> TeacherForcedResult:

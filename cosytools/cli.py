@@ -53,7 +53,7 @@ MODEL_HELP = "Model dir (upstream layout), or 'tiny' / 'full' for a built-in ran
 @click.option("--dtype", default=None, help="float32, bf16 or fp16 (default: $COSYTOOLS_DTYPE or float32).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--max-tokens", type=int, default=None, help="Upper bound on speech tokens (25 per second).")
-@click.option("--min-tokens", type=int, default=None, help="Lower bound on speech tokens (the stop token is masked until then).")
+@click.option("--min-tokens", type=int, default=None, help="Lower bound on speech tokens (all stop ids are masked until then).")
 @click.option("--speaker", default=None, help="Speaker id from spk2info.pt (sft mode); default: zero embedding.")
 @click.option("--prompt-text", default=None, help="Prompt / instruction text ending with <|endofprompt|>.")
 @click.option("--strict-prompt", is_flag=True, help="Fail when no <|endofprompt|> is given instead of adding "

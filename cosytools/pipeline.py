@@ -91,7 +91,10 @@ class Pipeline:
     def generate_tokens(self, text_ids: torch.Tensor, prompt_text_ids: Optional[torch.Tensor] = None,
                         prompt_speech_token: Optional[torch.Tensor] = None, seed: int = 0,
                         min_tokens: Optional[int] = None, max_tokens: Optional[int] = None) -> List[int]:
-        """Sample speech tokens; ``seed`` seeds a private generator (same stream as ``torch.manual_seed``)."""
+        """Sample speech tokens; ``seed`` seeds a private generator (same stream as ``torch.manual_seed``).
+
+        An explicit ``min_tokens`` is strict: every stop id is masked until then (upstream's own
+        rule, used when ``min_tokens`` is None, masks only id 6561)."""
         prompt_text_ids = _empty_ids() if prompt_text_ids is None else prompt_text_ids
         prompt_speech_token = _empty_ids() if prompt_speech_token is None else prompt_speech_token
         if max_tokens is not None and min_tokens is not None and min_tokens > max_tokens:
@@ -102,7 +105,8 @@ class Pipeline:
         out: List[int] = []
         with Progress("llm", total=total, unit="tokens", enabled=self.progress) as bar:
             for tok in self.backend.llm_generate(text_ids, prompt_text_ids, prompt_speech_token,
-                                                 min_len=min_tokens, max_len=max_tokens, generator=gen):
+                                                 min_len=min_tokens, max_len=max_tokens, generator=gen,
+                                                 strict_min_len=min_tokens is not None):
                 out.append(tok)
                 bar.update()
         return out

@@ -132,14 +132,15 @@ class CapturingBackend:
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
         sampled = [] if sampled is None else sampled
         seed = generator.initial_seed() if generator is not None else None
         ctx, _ = self._capture("llm")
         tokens: List[int] = []
         with ctx as rec:
             for t in self.inner.llm_generate(text, prompt_text, prompt_speech_token, min_len=min_len,
-                                             max_len=max_len, generator=generator, sampled=sampled):
+                                             max_len=max_len, generator=generator, sampled=sampled,
+                                             strict_min_len=strict_min_len):
                 tokens.append(t)
                 yield t
         if self.out_dir is not None:
@@ -155,6 +156,8 @@ class CapturingBackend:
                 flags["min_len"] = min_len
             if max_len is not None:
                 flags["max_len"] = max_len
+            if strict_min_len:
+                flags["strict_min_len"] = True
             self._write("llm", tt, flags)
 
     def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,

@@ -124,11 +124,12 @@ class CosyVoice3LM(nn.Module):
                   sampling: int = 25, max_token_text_ratio: float = 20, min_token_text_ratio: float = 2,
                   min_len: Optional[int] = None, max_len: Optional[int] = None,
                   generator: Optional[torch.Generator] = None,
-                  sampled: Optional[List[int]] = None) -> Iterator[int]:
+                  sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
         """Yield speech tokens one by one (stop token excluded), as upstream's non-vLLM path.
 
         ``min_len``/``max_len`` override the ratio rules.  Every id drawn (including a final
-        stop id) is appended to ``sampled`` when a list is given.
+        stop id) is appended to ``sampled`` when a list is given.  ``strict_min_len`` masks all
+        200 stop ids (not just upstream's 6561) during the first ``min_len`` steps.
         """
         lo, hi = self.length_limits(text.shape[1], min_token_text_ratio, max_token_text_ratio)
         min_len = lo if min_len is None else min_len
@@ -142,7 +143,10 @@ class CosyVoice3LM(nn.Module):
                 if i > 0:
                     logp, _ = self.step(out[-1], cache)
                 if i < min_len:
-                    logp[self.speech_token_size] = -float("inf")
+                    if strict_min_len:
+                        logp[self.speech_token_size:] = -float("inf")
+                    else:  # upstream masks only id speech_token_size (its sos), not eos
+                        logp[self.speech_token_size] = -float("inf")
                 top = self.sampling(logp, out, sampling, generator=generator)
                 if sampled is not None:
                     sampled.append(top)
