@@ -168,35 +168,51 @@ def plot_report(rep: ParityReport, dump: Dump, run: StageRun, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(12, 8), gridspec_kw={"height_ratios": [1, 1.2]})
+    fig = plt.figure(figsize=(12, 10))
+    grid = fig.add_gridspec(4, 1, height_ratios=[1.3, 1, 1, 1])
     ts = [t for t in rep.tensors if t.max_rel is not None]
     names = [t.name.split(".", 2)[-1] for t in ts]
     vals = [max(t.max_rel, 1e-12) for t in ts]
     colors = ["tab:green" if t.passed else "tab:red" for t in ts]
-    ax = axes[0]
+    ax = fig.add_subplot(grid[0])
     ax.bar(range(len(vals)), vals, color=colors)
     ax.set_yscale("log")
     ax.axhline(max(rep.tolerance.atol, 1e-12), color="k", ls="--", lw=0.8, label="atol")
     ax.set_xticks(range(len(vals)))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("max |ours-ref| / peak |ref|")
-    ax.set_title(f"parity {rep.stage}: {rep.ref.rsplit('/', 1)[-1]} ({'PASS' if rep.passed else 'FAIL'})")
+    fd = rep.first_divergence
+    ax.set_title(f"parity {rep.stage}: {rep.ref.rsplit('/', 1)[-1]} — "
+                 + ("PASS" if rep.passed else f"FAIL, first divergence {fd.name if fd else rep.first_nan}"))
     ax.legend(fontsize=7)
     outs = [k for k in run.order if k.startswith(f"{rep.stage}.out.") and k in dump.tensors
             and run.tensors[k].is_floating_point()]
-    ax = axes[1]
     if outs:
         key = outs[-1]
         r, o = dump.tensors[key].float().squeeze(), run.tensors[key].float().squeeze()
-        if r.dim() == 2 and r.shape == o.shape:
-            ax.imshow(torch.cat([r, o, (o - r) * 10], dim=0).numpy(), aspect="auto", origin="lower", cmap="magma")
-            ax.set_title(f"{key}: reference | ours | 10x difference (stacked)")
-        else:
+        if r.shape == o.shape and r.dim() == 2:
+            lo, hi = float(r.min()), float(r.max())
+            for i, (img, title) in enumerate(((r, "reference"), (o, "ours"))):
+                a = fig.add_subplot(grid[1 + i])
+                im = a.imshow(img.numpy(), aspect="auto", origin="lower", cmap="magma", vmin=lo, vmax=hi)
+                a.set_title(f"{key}: {title}", fontsize=9)
+                fig.colorbar(im, ax=a)
+            d = (o - r).numpy()
+            lim = max(abs(float(d.min())), abs(float(d.max())), 1e-12)
+            a = fig.add_subplot(grid[3])
+            im = a.imshow(d, aspect="auto", origin="lower", cmap="coolwarm", vmin=-lim, vmax=lim)
+            a.set_title(f"{key}: ours - reference", fontsize=9)
+            fig.colorbar(im, ax=a)
+        elif r.shape == o.shape:
             r1, o1 = r.reshape(-1).numpy(), o.reshape(-1).numpy()
-            ax.plot(r1, lw=0.6, label="reference")
-            ax.plot(o1, lw=0.6, alpha=0.7, label="ours")
-            ax.set_title(key)
-            ax.legend(fontsize=7)
+            a = fig.add_subplot(grid[1:3])
+            a.plot(r1, lw=0.6, label="reference")
+            a.plot(o1, lw=0.6, alpha=0.7, label="ours")
+            a.set_title(key, fontsize=9)
+            a.legend(fontsize=7)
+            a = fig.add_subplot(grid[3])
+            a.plot(o1 - r1, lw=0.6, color="tab:red")
+            a.set_title(f"{key}: ours - reference", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

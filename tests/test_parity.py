@@ -212,3 +212,24 @@ def test_nan_is_reported_with_first_tap(eager_all, fixtures):
             w.copy_(saved)
     assert rep.first_nan == "flow.tap.step00.dit.block.01"
     assert not rep.passed
+
+
+def test_plot_and_flow_debug_log(tmp_path, capsys, caplog, monkeypatch, fixtures):
+    png = tmp_path / "flow.png"
+    code, out, err = cli(capsys, "parity", "flow", "--ref", str(fixtures / "refs" / "flow_full.safetensors"),
+                         "--model", str(fixtures / "model"), "--plot", str(png), "-q")
+    assert code == 0 and png.stat().st_size > 10_000
+    png2 = tmp_path / "hift.png"
+    code, out, err = cli(capsys, "parity", "hift", "--ref", str(fixtures / "refs" / "hift_full.safetensors"),
+                         "--model", str(fixtures / "model"), "--plot", str(png2), "-q")
+    assert code == 0 and png2.stat().st_size > 10_000
+    # FLOW_DEBUG_LOG_V: per-step / per-block statistics in the log during any command
+    monkeypatch.setenv("FLOW_DEBUG_LOG_V", "1")
+    import logging
+    with caplog.at_level(logging.INFO, logger="cosytools.capture"):
+        code, _, err = cli(capsys, "synth", "hi", "--model", str(fixtures / "model"), "-o", str(tmp_path / "a.wav"),
+                           "--max-tokens", "5", "--min-tokens", "5")
+    assert code == 0, err
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("step00.dit.block.00" in m and "nan/inf 0" in m for m in msgs)
+    assert any("step09.x" in m for m in msgs)
