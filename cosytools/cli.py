@@ -44,52 +44,146 @@ MODEL_HELP = "Model dir (upstream layout), or 'tiny' / 'full' for a built-in ran
 
 # ---------------------------------------------------------------------------------------------
 @cli.command("synth")
-@click.argument("text")
+@click.argument("text", required=False)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="out.wav", show_default=True,
               help="WAV file to write (24 kHz, 16-bit).")
+@click.option("--mode", type=click.Choice(["sft", "zero_shot", "cross_lingual", "instruct", "vc"]), default="sft",
+              show_default=True, help="Synthesis mode, as upstream CosyVoice3's inference_* methods.")
 @click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
 @click.option("--backend", default="eager", show_default=True, help="Execution backend (see `cosytools backends`).")
 @click.option("--device", default=None, help="cpu or cuda (default: $COSYTOOLS_DEVICE or cpu).")
 @click.option("--dtype", default=None, help="float32, bf16 or fp16 (default: $COSYTOOLS_DTYPE or float32).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
-@click.option("--max-tokens", type=int, default=None, help="Upper bound on speech tokens (25 per second).")
-@click.option("--min-tokens", type=int, default=None, help="Lower bound on speech tokens (all stop ids are masked until then).")
+@click.option("--max-tokens", type=int, default=None,
+              help="Upper bound on speech tokens per text segment (25 per second).")
+@click.option("--min-tokens", type=int, default=None,
+              help="Lower bound on speech tokens per segment (all stop ids are masked until then).")
 @click.option("--speaker", default=None, help="Speaker id from spk2info.pt (sft mode); default: zero embedding.")
-@click.option("--prompt-text", default=None, help="Prompt / instruction text ending with <|endofprompt|>.")
+@click.option("--prompt-text", default=None, help="zero_shot: instruction, <|endofprompt|> and the transcript of "
+              "--prompt-wav. sft: optional LLM prompt text.")
+@click.option("--prompt-wav", type=click.Path(dir_okay=False), default=None,
+              help="Recording of the target voice, 3-10 s, >= 16 kHz WAV (zero_shot, cross_lingual, instruct, vc).")
+@click.option("--instruct", "instruct_text", default=None,
+              help="instruct: the instruction, e.g. 'Speak as loudly as possible.' (wrapped as 'You are a helpful "
+              "assistant. ...<|endofprompt|>' unless it has <|endofprompt|>).")
+@click.option("--source-wav", type=click.Path(dir_okay=False), default=None, help="vc: the speech to convert.")
+@click.option("--stream", is_flag=True, help="Streaming synthesis; chunks are appended to the WAV as they come.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Speaking rate (non-streaming only).")
+@click.option("--no-text-frontend", is_flag=True, help="Do not normalise or split TEXT.")
 @click.option("--strict-prompt", is_flag=True, help="Fail when no <|endofprompt|> is given instead of adding "
-              "the default instruction.")
+              "the default instruction (sft, cross_lingual).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "pt", "safetensors"]), default="auto", show_default=True)
 @click.option("--rl", "llm_rl", is_flag=True, help="Use llm.rl.pt instead of llm.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def synth_cmd(text: str, output: str, model: str, backend: str, device: Optional[str], dtype: Optional[str],
-              seed: int, max_tokens: Optional[int], min_tokens: Optional[int], speaker: Optional[str],
-              prompt_text: Optional[str], strict_prompt: bool, fmt: str, llm_rl: bool, as_json: bool) -> None:
-    """Synthesise TEXT to a WAV file (sft path: text -> LLM -> flow -> HiFT).
+def synth_cmd(text: Optional[str], output: str, mode: str, model: str, backend: str, device: Optional[str],
+              dtype: Optional[str], seed: int, max_tokens: Optional[int], min_tokens: Optional[int],
+              speaker: Optional[str], prompt_text: Optional[str], prompt_wav: Optional[str],
+              instruct_text: Optional[str], source_wav: Optional[str], stream: bool, speed: float,
+              no_text_frontend: bool, strict_prompt: bool, fmt: str, llm_rl: bool, as_json: bool) -> None:
+    """Synthesise TEXT to a WAV file in one of CosyVoice3's modes.
 
-    With random weights (the default tiny model) the result is noise-like audio; point --model
-    at a real Fun-CosyVoice3-0.5B dir for speech.
+    TEXT is normalised and split into pieces as upstream does (numbers spelled out, ~80 tokens per
+    piece), unless it holds <|...|> markup. With random weights (the default tiny model) the
+    result is noise-like audio; point --model at a real Fun-CosyVoice3-0.5B dir for speech.
 
     \b
-    Example:
+    Examples:
       cosytools synth "Hello, world." -o hello.wav --max-tokens 100
-      cosytools synth "You are a helpful assistant.<|endofprompt|>Hi" --model ./cv3 --speaker spk1
+      cosytools synth "Hi there." --speaker spk1 --model ./cv3                      # sft
+      cosytools synth "Nice to meet you." --mode zero_shot --prompt-wav me.wav \\
+          --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript of me.wav."
+      cosytools synth "You are a helpful assistant.<|endofprompt|>Bonjour." --mode cross_lingual --prompt-wav me.wav
+      cosytools synth "Good news!" --mode instruct --instruct "Speak cheerfully." --prompt-wav me.wav
+      cosytools synth --mode vc --source-wav src.wav --prompt-wav me.wav -o converted.wav
+      cosytools synth "A long story ..." --mode zero_shot ... --stream -o live.wav
     """
+    import time
+
+    from .errors import InputError
     from .pipeline import Pipeline
     from .wav import write_wav
 
+    _check_synth_args(mode, text, speaker, prompt_text, prompt_wav, instruct_text, source_wav, strict_prompt)
     pipe = Pipeline.from_model(model, backend=backend, device=device, dtype=dtype, fmt=fmt, llm_rl=llm_rl)
-    emb = pipe.speaker_embedding(speaker)
-    res = pipe.tts(text, prompt_text=prompt_text, embedding=emb, seed=seed, min_tokens=min_tokens,
-                   max_tokens=max_tokens, add_default_instruction=not strict_prompt)
-    write_wav(output, res.speech.numpy(), res.sample_rate)
-    summary = {"output": output, "model": str(pipe.model.model_dir), "backend": backend,
-               "llm_weights": pipe.model.files.get("llm"), "speech_tokens": len(res.tokens),
-               "seconds": round(res.seconds, 3), **{k: round(v, 4) for k, v in res.timings.items()}}
+    gen = dict(seed=seed, min_tokens=min_tokens, max_tokens=max_tokens)
+    tf = not no_text_frontend
+    t_start = time.perf_counter()
+    if mode == "sft":
+        out = pipe.sft(text, speaker, stream=stream, speed=speed, text_frontend=tf, prompt_text=prompt_text,
+                       add_default_instruction=not strict_prompt, **gen)
+    elif mode == "zero_shot":
+        out = pipe.zero_shot(text, prompt_text, prompt_wav, stream=stream, speed=speed, text_frontend=tf, **gen)
+    elif mode == "cross_lingual":
+        out = pipe.cross_lingual(text, prompt_wav, stream=stream, speed=speed, text_frontend=tf,
+                                 add_default_instruction=not strict_prompt, **gen)
+    elif mode == "instruct":
+        out = pipe.instruct(text, instruct_text, prompt_wav, stream=stream, speed=speed, text_frontend=tf, **gen)
+    else:
+        out = pipe.vc(source_wav, prompt_wav, stream=stream, speed=speed)
+    summary = {"output": output, "mode": mode, "model": str(pipe.model.model_dir), "backend": backend,
+               "llm_weights": pipe.model.files.get("llm")}
+    if stream:
+        import wave
+
+        import numpy as np
+
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        n_samples, n_chunks, first = 0, 0, None
+        with wave.open(str(output), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(pipe.sample_rate)
+            for chunk in out:
+                audio = chunk.speech.numpy().reshape(-1)
+                if not np.all(np.isfinite(audio)):
+                    raise InputError(f"chunk {n_chunks} of the stream contains NaN or Inf samples")
+                w.writeframes(np.clip(np.round(audio * 32767.0), -32768, 32767).astype("<i2").tobytes())
+                if first is None:
+                    first = chunk.t_ready - t_start
+                n_samples += audio.shape[0]
+                n_chunks += 1
+        seconds = n_samples / pipe.sample_rate
+        total = time.perf_counter() - t_start
+        summary.update({"stream": True, "chunks": n_chunks, "seconds": round(seconds, 3),
+                        "first_chunk_s": round(first or 0.0, 4), "total_s": round(total, 4)})
+        msg = (f"wrote {output}: {seconds:.2f} s of audio in {n_chunks} chunks, first after {first or 0:.2f} s, "
+               f"total {total:.2f} s")
+    else:
+        write_wav(output, out.speech.numpy(), out.sample_rate)
+        summary.update({"segments": len(out.segments), "speech_tokens": len(out.tokens),
+                        "seconds": round(out.seconds, 3), **{k: round(v, 4) for k, v in out.timings.items()}})
+        msg = (f"wrote {output}: {out.seconds:.2f} s of audio from {len(out.tokens)} speech tokens "
+               f"in {out.timings['total_s']:.2f} s (RTF {out.timings['rtf']:.3f})")
     if as_json:
         _emit_json(summary)
     else:
-        click.echo(f"wrote {output}: {res.seconds:.2f} s of audio from {len(res.tokens)} speech tokens "
-                   f"in {res.timings['total_s']:.2f} s (RTF {res.timings['rtf']:.3f})")
+        click.echo(msg)
+
+
+def _check_synth_args(mode: str, text: Optional[str], speaker: Optional[str], prompt_text: Optional[str],
+                      prompt_wav: Optional[str], instruct_text: Optional[str], source_wav: Optional[str],
+                      strict_prompt: bool) -> None:
+    """Usage errors (exit 2) for option combinations a mode does not take."""
+    given = {"--speaker": speaker, "--prompt-text": prompt_text, "--prompt-wav": prompt_wav,
+             "--instruct": instruct_text, "--source-wav": source_wav}
+    allowed = {"sft": {"--speaker", "--prompt-text"}, "zero_shot": {"--prompt-text", "--prompt-wav"},
+               "cross_lingual": {"--prompt-wav"}, "instruct": {"--instruct", "--prompt-wav"},
+               "vc": {"--prompt-wav", "--source-wav"}}[mode]
+    required = {"sft": set(), "zero_shot": {"--prompt-text", "--prompt-wav"}, "cross_lingual": {"--prompt-wav"},
+                "instruct": {"--instruct", "--prompt-wav"}, "vc": {"--prompt-wav", "--source-wav"}}[mode]
+    extra = sorted(k for k, v in given.items() if v is not None and k not in allowed)
+    if extra:
+        raise click.UsageError(f"--mode {mode} does not take {', '.join(extra)} (it takes "
+                               f"{', '.join(sorted(allowed)) or 'no prompt options'})")
+    missing = sorted(k for k in required if given[k] is None)
+    if missing:
+        raise click.UsageError(f"--mode {mode} needs {', '.join(missing)}")
+    if mode == "vc" and text is not None:
+        raise click.UsageError("--mode vc converts --source-wav and takes no TEXT")
+    if mode != "vc" and text is None:
+        raise click.UsageError(f"--mode {mode} needs TEXT")
+    if strict_prompt and mode not in ("sft", "cross_lingual"):
+        raise click.UsageError("--strict-prompt applies to --mode sft and cross_lingual only")
 
 
 # ---------------------------------------------------------------------------------------------

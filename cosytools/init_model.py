@@ -1,8 +1,10 @@
 """Write a random-weight CosyVoice3 model dir in the exact upstream layout.
 
 The dir holds ``cosyvoice3.yaml``, ``llm.pt``, ``flow.pt``, ``hift.pt`` (optionally the
-``*.safetensors`` twins), ``spk2info.pt`` with a few random speakers, and
-``CosyVoice-BlankEN/`` (Qwen2 ``config.json`` and a small byte-level BPE tokenizer).
+``*.safetensors`` twins), ``spk2info.pt`` with a few random speakers,
+``CosyVoice-BlankEN/`` (Qwen2 ``config.json`` and a small byte-level BPE tokenizer), and
+stand-in ``speech_tokenizer_v3.onnx`` / ``campplus.onnx`` with the real models' inputs and
+outputs (so every synthesis mode, prompt audio included, runs without a download).
 The audio such a model makes is noise; every number in it is reproducible from the seed.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ def init_model(out_dir: Union[str, Path], preset: str = "tiny", seed: int = 0,
                formats: Iterable[str] = ("pt",), overwrite: bool = False) -> Path:
     """Create a random-weight model dir at ``out_dir`` and return its path."""
     from .frontend.bpe_writer import write_tiny_bpe
+    from .frontend.features import make_standin_onnx_models
 
     p = get_preset(preset)
     out = Path(out_dir)
@@ -64,6 +67,7 @@ def init_model(out_dir: Union[str, Path], preset: str = "tiny", seed: int = 0,
         del module, sd
     spk2info = {name: {"embedding": torch.randn(1, 192, generator=gen)} for name in SPEAKERS}
     torch.save(spk2info, tmp / "spk2info.pt")
+    make_standin_onnx_models(tmp, seed=seed)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

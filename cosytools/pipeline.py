@@ -2,7 +2,11 @@
 
 The pipeline holds one backend and never asks which one it is.  Prompt inputs (prompt
 text ids, prompt speech tokens, prompt mel, speaker embedding) are tensors here; the
-frontend turns raw text and prompt audio into them.
+frontend (:class:`cosytools.frontend.frontend.Frontend`) turns raw text and prompt audio into
+them.  The mode methods (:meth:`Pipeline.sft`, :meth:`~Pipeline.zero_shot`,
+:meth:`~Pipeline.cross_lingual`, :meth:`~Pipeline.instruct`, :meth:`~Pipeline.vc`) do both, as
+upstream's ``CosyVoice3.inference_*``: normalise and split the text, build each segment's
+inputs, synthesise the segments one after the other.
 """
 from __future__ import annotations
 
@@ -10,15 +14,23 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 from .models.llm import ENDOFPROMPT_ID
 from .progress import Progress
 
-__all__ = ["SynthResult", "StreamChunk", "Pipeline", "DEFAULT_INSTRUCTION", "TOKEN_HOP_LEN", "TOKEN_MAX_HOP_LEN"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .frontend.frontend import AudioInput, Frontend, ModelInput, PromptAudio
+
+__all__ = ["SynthResult", "StreamChunk", "Pipeline", "DEFAULT_INSTRUCTION", "TOKEN_HOP_LEN", "TOKEN_MAX_HOP_LEN",
+           "MODES"]
+
+#: synthesis modes of :class:`Pipeline` (upstream ``inference_sft/zero_shot/cross_lingual/instruct2/vc``)
+MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "vc")
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,7 @@ class SynthResult:
     tokens: List[int]
     mel: torch.Tensor               # [1, 80, frames]
     timings: Dict[str, float] = field(default_factory=dict)
+    segments: List[str] = field(default_factory=list)   # text pieces synthesised (mode methods)
 
     @property
     def seconds(self) -> float:
@@ -53,6 +66,7 @@ class StreamChunk:
     tokens: int              # speech tokens consumed so far
     final: bool
     t_ready: float           # perf_counter() when the chunk was ready
+    segment: int = 0         # index of the text segment (mode methods); final is set on the last one only
 
 
 def _empty_ids() -> torch.Tensor:
@@ -130,8 +144,12 @@ class Pipeline:
     def token2wav(self, tokens: Union[List[int], torch.Tensor], prompt_token: Optional[torch.Tensor] = None,
                   prompt_feat: Optional[torch.Tensor] = None, embedding: Optional[torch.Tensor] = None,
                   flow_noise: Optional[torch.Tensor] = None,
-                  hift_noise: Optional[Dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Speech tokens -> (waveform [1, samples], mel [1, 80, frames]), non-streaming."""
+                  hift_noise: Optional[Dict[str, torch.Tensor]] = None,
+                  speed: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speech tokens -> (waveform [1, samples], mel [1, 80, frames]), non-streaming.
+
+        ``speed`` != 1 stretches the mel linearly to ``int(frames / speed)`` frames before the
+        vocoder, as upstream; the returned mel is the stretched one."""
         token = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
         if token.shape[1] == 0:
             raise InputError("no speech tokens to synthesise (the LLM stopped at once); try another seed or "
@@ -145,6 +163,8 @@ class Pipeline:
             raise InputError("the flow stage produced NaN/Inf mel frames. Under fp16 the DiT softmax can overflow: "
                              "run the flow in float32 or bf16 (--dtype float32), and check the weights with "
                              "`cosytools parity flow`.")
+        if speed != 1.0:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
         speech, _ = self.backend.hift(mel, finalize=True, noise=hift_noise)
         return speech, mel
 
@@ -242,3 +262,190 @@ class Pipeline:
                           {"llm_s": t1 - t0, "token2wav_s": t2 - t1, "total_s": t2 - t0})
         res.timings["rtf"] = res.timings["total_s"] / max(res.seconds, 1e-9)
         return res
+
+    # -- modes (upstream CosyVoice3.inference_*) ----------------------------------------------
+    @property
+    def frontend(self) -> "Frontend":
+        """The model dir's :class:`~cosytools.frontend.frontend.Frontend` (created on first use)."""
+        fe = getattr(self, "_frontend", None)
+        if fe is None:
+            from .frontend.frontend import Frontend
+            if self.model.model_dir is None:
+                raise InputError("this pipeline's model has no model dir; set pipeline.frontend = Frontend(dir)")
+            fe = Frontend(self.model.model_dir, tokenizer=self.tokenizer)
+            self._frontend = fe
+        return fe
+
+    @frontend.setter
+    def frontend(self, fe: "Frontend") -> None:
+        self._frontend = fe
+
+    def sft(self, text: str, speaker: Optional[str] = None, *, stream: bool = False, speed: float = 1.0,
+            seed: int = 0, min_tokens: Optional[int] = None, max_tokens: Optional[int] = None,
+            text_frontend: bool = True, prompt_text: Optional[str] = None,
+            add_default_instruction: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
+        """Text with a stored speaker (``spk2info.pt``; ``None``: zero embedding).
+
+        The CosyVoice3 LLM needs ``<|endofprompt|>``; when neither the text nor ``prompt_text`` has it,
+        ``"You are a helpful assistant.<|endofprompt|>"`` is used as prompt text (as :meth:`tts`), or an
+        InputError is raised when ``add_default_instruction`` is false."""
+        from .frontend.frontend import ModelInput
+
+        fe = self.frontend
+        t0 = time.perf_counter()
+        emb = fe.speaker_embedding(speaker) if speaker is not None else torch.zeros(1, 192)
+        inputs = []
+        for seg in fe.segments(text, text_frontend):
+            text_ids, prompt_ids = self._prepare_text(seg, prompt_text, add_default_instruction)
+            if not bool((text_ids == ENDOFPROMPT_ID).any()) and not bool((prompt_ids == ENDOFPROMPT_ID).any()):
+                raise InputError("CosyVoice3 needs <|endofprompt|> in the text or the prompt text, and neither has "
+                                 "it. Put an instruction before it, e.g. 'You are a helpful assistant."
+                                 "<|endofprompt|>Hello', or allow the default instruction.")
+            inputs.append(ModelInput("sft", text=text_ids, prompt_text=prompt_ids, llm_embedding=emb,
+                                     flow_embedding=emb, segment=seg))
+        return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
+
+    def zero_shot(self, text: str, prompt_text: str, prompt_wav: "Union[AudioInput, PromptAudio]", *,
+                  stream: bool = False, speed: float = 1.0, seed: int = 0, min_tokens: Optional[int] = None,
+                  max_tokens: Optional[int] = None,
+                  text_frontend: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
+        """Clone the voice of ``prompt_wav``; ``prompt_text`` is an instruction, ``<|endofprompt|>`` and the
+        prompt's transcript (``'You are a helpful assistant.<|endofprompt|>' + transcript``)."""
+        from .frontend.frontend import check_prompt_text
+
+        fe = self.frontend
+        t0 = time.perf_counter()
+        check_prompt_text(prompt_text)
+        prompt_text = fe.normalize(prompt_text, split=False, text_frontend=text_frontend)
+        segs = fe.segments(text, text_frontend)
+        prompt = fe.prompt_audio(prompt_wav)
+        inputs = []
+        for seg in segs:
+            if len(seg) < 0.5 * len(prompt_text):
+                log.warning("synthesis text %r is much shorter than the prompt text %r; this may sound worse",
+                            seg, prompt_text)
+            inputs.append(fe.frontend_zero_shot(seg, prompt_text, prompt))
+        return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
+
+    def cross_lingual(self, text: str, prompt_wav: "Union[AudioInput, PromptAudio]", *, stream: bool = False,
+                      speed: float = 1.0, seed: int = 0, min_tokens: Optional[int] = None,
+                      max_tokens: Optional[int] = None, text_frontend: bool = True,
+                      add_default_instruction: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
+        """Speak ``text`` (any language) in the voice of ``prompt_wav``; the LLM sees no prompt.
+
+        CosyVoice3 carries the instruction in the text (``'You are a helpful assistant.<|endofprompt|>...'``,
+        which upstream neither normalises nor splits). Text without ``<|endofprompt|>`` is normalised and
+        split, and each piece gets that default instruction in front (``add_default_instruction``;
+        upstream would fail its assertion instead)."""
+        fe = self.frontend
+        t0 = time.perf_counter()
+        segs = fe.segments(text, text_frontend)
+        if "<|endofprompt|>" not in text:
+            if not add_default_instruction:
+                raise InputError("cross-lingual text needs '<|endofprompt|>' after an instruction, e.g. "
+                                 "'You are a helpful assistant.<|endofprompt|>' + your text")
+            log.info("no <|endofprompt|> in the cross-lingual text: prefixing %r", DEFAULT_INSTRUCTION)
+            segs = [DEFAULT_INSTRUCTION + s for s in segs]
+        prompt = fe.prompt_audio(prompt_wav)
+        inputs = [fe.frontend_cross_lingual(seg, prompt) for seg in segs]
+        return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
+
+    def instruct(self, text: str, instruct_text: str, prompt_wav: "Union[AudioInput, PromptAudio]", *,
+                 stream: bool = False, speed: float = 1.0, seed: int = 0, min_tokens: Optional[int] = None,
+                 max_tokens: Optional[int] = None,
+                 text_frontend: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
+        """Upstream ``inference_instruct2``: speak ``text`` in the voice of ``prompt_wav`` following an
+        instruction. ``instruct_text`` with ``<|endofprompt|>`` is used as is; otherwise it becomes
+        ``'You are a helpful assistant. <instruct_text><|endofprompt|>'``."""
+        from .frontend.frontend import compose_instruction
+
+        fe = self.frontend
+        t0 = time.perf_counter()
+        instr = compose_instruction(instruct_text)
+        segs = fe.segments(text, text_frontend)
+        prompt = fe.prompt_audio(prompt_wav)
+        inputs = [fe.frontend_instruct2(seg, instr, prompt) for seg in segs]
+        return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
+
+    def vc(self, source_wav: "AudioInput", prompt_wav: "Union[AudioInput, PromptAudio]", *, stream: bool = False,
+           speed: float = 1.0) -> Union[SynthResult, Iterator[StreamChunk]]:
+        """Voice conversion: the speech tokens of ``source_wav`` rendered in the voice of ``prompt_wav``
+        (no LLM)."""
+        t0 = time.perf_counter()
+        inp = self.frontend.frontend_vc(source_wav, prompt_wav)
+        return self._run_inputs([inp], stream, speed, 0, None, None, time.perf_counter() - t0)
+
+    # -- mode machinery --------------------------------------------------------------------------
+    def _generator(self, seed: int) -> torch.Generator:
+        gen_device = self.backend.device if self.backend.device.type == "cuda" else "cpu"
+        return torch.Generator(device=gen_device).manual_seed(seed)
+
+    def _segment_tokens(self, inp: "ModelInput", gen: torch.Generator, min_tokens: Optional[int],
+                        max_tokens: Optional[int]) -> Iterator[int]:
+        if not inp.uses_llm:
+            return iter(inp.source_speech_token.flatten().tolist())
+        if max_tokens is not None and min_tokens is not None and min_tokens > max_tokens:
+            min_tokens = max_tokens
+        return self.backend.llm_generate(inp.text, inp.prompt_text, inp.llm_prompt_speech_token,
+                                         min_len=min_tokens, max_len=max_tokens, generator=gen,
+                                         strict_min_len=min_tokens is not None)
+
+    @staticmethod
+    def _flow_embedding(inp: "ModelInput") -> Optional[torch.Tensor]:
+        return inp.flow_embedding if inp.flow_embedding.numel() else None
+
+    def _run_inputs(self, inputs: Sequence["ModelInput"], stream: bool, speed: float, seed: int,
+                    min_tokens: Optional[int], max_tokens: Optional[int],
+                    frontend_s: float) -> Union[SynthResult, Iterator[StreamChunk]]:
+        if not inputs:
+            raise InputError("nothing to synthesise")
+        if not speed > 0:
+            raise InputError(f"speed must be > 0, got {speed}")
+        if stream:
+            if speed != 1.0:
+                raise InputError("speed works only without streaming (upstream: 'speed change only support "
+                                 "non-stream inference mode')")
+            return self._stream_inputs(list(inputs), seed, min_tokens, max_tokens)
+        return self._synth_inputs(list(inputs), speed, seed, min_tokens, max_tokens, frontend_s)
+
+    def _synth_inputs(self, inputs: List["ModelInput"], speed: float, seed: int, min_tokens: Optional[int],
+                      max_tokens: Optional[int], frontend_s: float) -> SynthResult:
+        gen = self._generator(seed)
+        speeches, mels, all_tokens = [], [], []
+        t_llm = t_t2w = 0.0
+        for k, inp in enumerate(inputs):
+            t0 = time.perf_counter()
+            total = max_tokens if max_tokens is not None else int(max(inp.text.shape[1], 1) * 20)
+            tokens: List[int] = []
+            label = "llm" if len(inputs) == 1 else f"llm {k + 1}/{len(inputs)}"
+            with Progress(label, total=total, unit="tokens", enabled=self.progress and inp.uses_llm) as bar:
+                for tok in self._segment_tokens(inp, gen, min_tokens, max_tokens):
+                    tokens.append(int(tok))
+                    bar.update()
+            t1 = time.perf_counter()
+            speech, mel = self.token2wav(tokens, inp.flow_prompt_speech_token, inp.prompt_speech_feat,
+                                         self._flow_embedding(inp), speed=speed)
+            t2 = time.perf_counter()
+            t_llm += t1 - t0
+            t_t2w += t2 - t1
+            speeches.append(speech.cpu())
+            mels.append(mel.cpu())
+            all_tokens.extend(tokens)
+        total_s = frontend_s + t_llm + t_t2w
+        res = SynthResult(torch.cat(speeches, dim=1), self.sample_rate, all_tokens, torch.cat(mels, dim=2),
+                          {"frontend_s": frontend_s, "llm_s": t_llm, "token2wav_s": t_t2w, "total_s": total_s},
+                          segments=[inp.segment for inp in inputs])
+        res.timings["rtf"] = total_s / max(res.seconds, 1e-9)
+        return res
+
+    def _stream_inputs(self, inputs: List["ModelInput"], seed: int, min_tokens: Optional[int],
+                       max_tokens: Optional[int]) -> Iterator[StreamChunk]:
+        gen = self._generator(seed)
+        last = len(inputs) - 1
+        for k, inp in enumerate(inputs):
+            for chunk in self.token2wav_stream(self._segment_tokens(inp, gen, min_tokens, max_tokens),
+                                               inp.flow_prompt_speech_token, inp.prompt_speech_feat,
+                                               self._flow_embedding(inp)):
+                chunk.segment = k
+                chunk.final = chunk.final and k == last
+                yield chunk
