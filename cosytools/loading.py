@@ -105,8 +105,14 @@ def _build_and_load(cfg: ModelConfig, model_dir: Path, component: str, fmt: str,
 
 def load_model(model: Union[str, Path, None] = None, components: Iterable[str] = COMPONENTS, fmt: str = "auto",
                llm_rl: bool = False, device: Union[str, torch.device, None] = None,
-               dtype: Union[str, torch.dtype, None] = None) -> CosyVoice3Model:
-    """Build and load the requested components of a model dir (or built-in ``tiny``/``full``)."""
+               dtype: Union[str, torch.dtype, None] = None,
+               gguf: Union[bool, str, Path, None] = None) -> CosyVoice3Model:
+    """Build and load the requested components of a model dir (or built-in ``tiny``/``full``).
+
+    The LLM's Qwen2 trunk comes from a GGUF when one is selected (``gguf``: a path, ``False`` for
+    float weights, ``None`` = ``$COSYVOICE_LLM_GGUF`` (path or ``OFF``) else ``llm.gguf`` in the
+    dir); ``files['llm']`` then names the GGUF and ``files['llm_gguf_type']`` its type.
+    """
     model_dir = resolve_model_dir(model)
     cfg = ModelConfig.from_model_dir(model_dir)
     dev = torch.device(device or os.environ.get("COSYTOOLS_DEVICE", "cpu"))
@@ -115,7 +121,17 @@ def load_model(model: Union[str, Path, None] = None, components: Iterable[str] =
     for comp in components:
         if comp not in COMPONENTS:
             raise ConfigError(f"unknown component {comp!r}; use {', '.join(COMPONENTS)}")
-        module, path = _build_and_load(cfg, model_dir, comp, fmt, llm_rl)
+        gguf_path = None
+        if comp == "llm":
+            from .gguf_io import resolve_llm_gguf
+            gguf_path = resolve_llm_gguf(model_dir, gguf)
+        if gguf_path is not None:
+            from .gguf_io import load_llm_gguf
+            module, files = load_llm_gguf(cfg, model_dir, gguf_path, fmt, llm_rl)
+            out.files.update(files)
+            path = files["llm"]
+        else:
+            module, path = _build_and_load(cfg, model_dir, comp, fmt, llm_rl)
         module = module.to(dev)
         if dt != torch.float32:
             module = _cast(module, comp, dt)

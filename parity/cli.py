@@ -30,8 +30,9 @@ class _Models:
     """Loads each (model dir, backend, device, dtype, components) once per command."""
 
     def __init__(self, model: Optional[str], backend: str, device: Optional[str], dtype: Optional[str],
-                 fmt: str) -> None:
+                 fmt: str, gguf: Any = None) -> None:
         self.model, self.backend, self.device, self.dtype, self.fmt = model, backend, device, dtype, fmt
+        self.gguf = gguf  # LLM trunk: a GGUF path, False (float weights) or None (auto: env / llm.gguf)
         self._cache: Dict[tuple, Any] = {}
 
     def get(self, comps: tuple) -> Any:
@@ -40,7 +41,8 @@ class _Models:
 
         key = tuple(sorted(comps))
         if key not in self._cache:
-            m = load_model(self.model, components=comps, fmt=self.fmt, device=self.device, dtype=self.dtype)
+            m = load_model(self.model, components=comps, fmt=self.fmt, device=self.device, dtype=self.dtype,
+                           gguf=self.gguf)
             self._cache[key] = backends.create(self.backend, m, capture=False)
         return self._cache[key]
 
@@ -49,11 +51,31 @@ def run_parity(dump: Dump, models: _Models, atol: Optional[float] = None, rtol: 
     """Run one dump on the backend; returns (report, run)."""
     backend = models.get(STAGE_COMPONENTS.get(dump.stage, ()))
     dtype = str(backend.dtype).replace("torch.", "")
+    files = getattr(backend.model, "files", {}) if dump.stage == "llm" else {}
+    gtype = files.get("llm_gguf_type")
+    if gtype:  # quantized trunk: the documented drift bound of its type (docs/quantization.md)
+        from cosytools.gguf_io import gguf_tolerance
+        d = default_tolerance(dump.stage, dtype)
+        ga, gr = gguf_tolerance(gtype, d.atol, d.rtol)
+        atol, rtol = (ga if atol is None else atol), (gr if rtol is None else rtol)
     tol = _tolerance(dump.stage, dtype, atol, rtol)
     run = run_dump(backend, dump)
     settings = {"backend": backend.name, "device": str(backend.device), "dtype": dtype,
                 "model": str(backend.model.model_dir)}
+    if files.get("llm"):
+        settings["llm_weights"] = files["llm"]
+    if gtype:
+        settings["gguf_type"] = gtype
     return build_report(dump, run, tol, settings), run
+
+
+def _gguf_drift(rep: ParityReport) -> Optional[Dict[str, Any]]:
+    """Log-prob drift of a run on GGUF weights (None for float weights)."""
+    t = next((t for t in rep.tensors if t.name.endswith(".out.logp")), None)
+    if "gguf_type" not in rep.settings or t is None:
+        return None
+    return {"file": rep.settings.get("llm_weights"), "type": rep.settings["gguf_type"], "steps": t.shape[0],
+            "logp_max_abs": t.max_abs, "cosine": t.cosine, "top1_agreement": t.top1_agreement}
 
 
 def _model_option(f):
@@ -93,15 +115,32 @@ Example:
     @click.option("-q", "--quiet", is_flag=True, help="Table rows for failures only.")
     def cmd(ref: str, model: Optional[str], backend: str, device: Optional[str], dtype: Optional[str],
             atol: Optional[float], rtol: Optional[float], fmt: str, as_json: bool, plot: Optional[str],
-            quiet: bool) -> None:
+            quiet: bool, gguf: Optional[str] = None, no_gguf: bool = False) -> None:
+        if gguf and no_gguf:
+            raise click.UsageError("--gguf and --no-gguf exclude each other")
         dump = read_dump(ref, stage=stage)
-        rep, run = run_parity(dump, _Models(model, backend, device, dtype, fmt), atol, rtol)
-        _emit(rep, as_json, quiet)
+        models = _Models(model, backend, device, dtype, fmt, False if no_gguf else gguf)
+        rep, run = run_parity(dump, models, atol, rtol)
+        drift = _gguf_drift(rep)
+        if as_json and drift:
+            click.echo(json.dumps({**rep.to_dict(), "gguf_drift": drift}, indent=2))
+        else:
+            _emit(rep, as_json, quiet)
+            if drift:
+                click.echo(f"  GGUF {drift['type']} drift over {drift['steps']} teacher-forced steps: log-prob max abs "
+                           f"{drift['logp_max_abs']:.3e}, cosine {drift['cosine']:.7f}, "
+                           f"top-1 agreement {drift['top1_agreement']:.3f}")
         if plot:
             plot_report(rep, dump, run, plot)
             click.echo(f"wrote {plot}", err=True)
         if not rep.passed:
             raise _Exit(EXIT_MISMATCH)
+    if stage == "llm":
+        cmd = click.option("--no-gguf", is_flag=True, help="Float LLM weights even if llm.gguf / $COSYVOICE_LLM_GGUF "
+                           "is there.")(cmd)
+        cmd = click.option("--gguf", type=click.Path(dir_okay=False), default=None,
+                           help="Run the Qwen2 trunk from this GGUF (heads from the model's llm.pt) and report the "
+                           "drift; the tolerance is that GGUF type's documented bound.")(cmd)
     return cmd
 
 
