@@ -41,6 +41,15 @@ class EagerBackend(Backend):
 
     name = "eager"
 
+    def __init__(self, model: Any, **options: Any) -> None:
+        super().__init__(model, **options)
+        if self.device.type == "cuda":
+            # cuDNN convolutions default to TF32, which moves float32 HiFT speech by ~5e-3;
+            # keep float32 exact unless asked (process-wide torch flags)
+            tf32 = bool(options.get("tf32", False))
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
     def _need(self, comp: str) -> Any:
         m = getattr(self.model, comp)
         if m is None:
