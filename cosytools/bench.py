@@ -70,6 +70,7 @@ class _Timer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.last_peak_mb: Optional[float] = None
 
     def sync(self) -> None:
         if self.cuda:
@@ -77,10 +78,14 @@ class _Timer:
 
     def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
         self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         out = fn()
         self.sync()
-        return time.perf_counter() - t0, out
+        dt = time.perf_counter() - t0
+        self.last_peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else None
+        return dt, out
 
 
 def _frontend(inp: BenchInputs) -> Any:
@@ -117,7 +122,11 @@ def _one_run(backend: Any, inp: BenchInputs, seed: int, stream: bool) -> tuple[D
     r["frontend_s"], _ = timer(lambda: _frontend(inp))
     r["llm_prefill_s"], _ = timer(lambda: backend.llm_session(inp.text, inp.prompt_text, inp.prompt_speech_token,
                                                               max_new_tokens=inp.speech_tokens))
+    if timer.cuda:
+        torch.cuda.reset_peak_memory_stats()
     toks, t_first, t_total = _generate(backend, inp, seed)
+    if timer.cuda:
+        r["llm_peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     n = len(toks)
     r["llm_first_token_s"] = t_first
     r["llm_total_s"] = t_total
@@ -127,7 +136,11 @@ def _one_run(backend: Any, inp: BenchInputs, seed: int, stream: bool) -> tuple[D
     r["flow_s"], mel = timer(lambda: backend.flow(token, inp.prompt_speech_token, inp.prompt_feat, inp.embedding,
                                                   streaming=False, finalize=True))
     r["flow_per_step_s"] = r["flow_s"] / EULER_STEPS
+    if timer.last_peak_mb is not None:
+        r["flow_peak_mem_mb"] = timer.last_peak_mb
     r["hift_s"], (speech, _) = timer(lambda: backend.hift(mel, finalize=True))
+    if timer.last_peak_mb is not None:
+        r["hift_peak_mem_mb"] = timer.last_peak_mb
     r["e2e_s"] = r["frontend_s"] + r["llm_total_s"] + r["flow_s"] + r["hift_s"]
     audio_s = speech.shape[-1] / 24000.0
     r["audio_s"] = audio_s
@@ -155,9 +168,10 @@ def _one_run(backend: Any, inp: BenchInputs, seed: int, stream: bool) -> tuple[D
     return r, outputs
 
 
-def _peak_memory(device: torch.device) -> Dict[str, float]:
-    if device.type == "cuda":
-        return {"peak_gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+def _peak_memory(device: torch.device, stages: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    if device.type == "cuda":  # stages reset the peak counter: the run's peak is the largest stage peak
+        peaks = [v["max"] for k, v in stages.items() if k.endswith("_peak_mem_mb")]
+        return {"peak_gpu_mem_mb": max(peaks + [torch.cuda.max_memory_allocated(device) / 2 ** 20])}
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_mb": rss_kb / 1024.0}
 
@@ -191,7 +205,7 @@ def bench_backend(name: str, model: Any, inp: BenchInputs, warmup: int, repeat: 
     stages = {k: _summary([r[k] for r in runs]) for k in runs[0]}
     return {"backend": name, "settings": backend.describe(),
             "warmup_s": warmup_s, "warmup_parts": warm_parts if isinstance(warm_parts, dict) else None,
-            "stages": stages, **_peak_memory(backend.device), "_outputs": outputs}
+            "stages": stages, **_peak_memory(backend.device, stages), "_outputs": outputs}
 
 
 def _parity(ref: Dict[str, Any], ours: Dict[str, Any], dtype: str) -> Dict[str, Any]:
