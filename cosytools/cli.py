@@ -252,7 +252,7 @@ def _register_optional_commands() -> None:
     import importlib
     import importlib.util
 
-    for mod in ("parity.cli", "cosytools.export_cli", "cosytools.bench"):
+    for mod in ("parity.cli", "cosytools.export_cli", "cosytools.bench", "cosytools.evaluate"):
         if importlib.util.find_spec(mod) is None:
             continue
         importlib.import_module(mod).register(cli)

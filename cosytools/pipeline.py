@@ -10,7 +10,10 @@ inputs, synthesise the segments one after the other.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .frontend.frontend import AudioInput, Frontend, ModelInput, PromptAudio
 
 __all__ = ["SynthResult", "StreamChunk", "Pipeline", "DEFAULT_INSTRUCTION", "TOKEN_HOP_LEN", "TOKEN_MAX_HOP_LEN",
-           "MODES"]
+           "STREAM_SCALE_FACTOR", "MODES", "TokenProducer", "HiftStream"]
 
 #: synthesis modes of :class:`Pipeline` (upstream ``inference_sft/zero_shot/cross_lingual/instruct2/vc``)
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct", "vc")
@@ -71,6 +74,110 @@ class StreamChunk:
 
 def _empty_ids() -> torch.Tensor:
     return torch.zeros(1, 0, dtype=torch.long)
+
+
+class TokenProducer:
+    """Runs a speech-token iterator (the LLM) in a background thread that fills a queue, as
+    upstream's ``llm_job`` thread does, so that token2wav can work while tokens are generated.
+
+    Iterating over the producer yields the tokens in order; an exception raised by the iterator
+    is re-raised in the consumer. :meth:`close` (also on leaving a ``with`` block) asks the thread
+    to stop after the token in progress, closes the iterator in that thread and waits for it.
+    ``cuda_device``: run the iterator on its own CUDA stream of that device (upstream's
+    ``llm_context``). The consumer's grad / inference mode is carried into the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, tokens: Iterable[int], cuda_device: Optional[torch.device] = None,
+                 name: str = "cosytools-llm") -> None:
+        self._it = iter(tokens)
+        self._q: "queue.Queue[tuple]" = queue.Queue()
+        self._stop = threading.Event()
+        self._cuda_stream = None
+        if cuda_device is not None and torch.device(cuda_device).type == "cuda":
+            # the LLM's own stream starts after whatever the caller queued (e.g. its input tensors)
+            self._cuda_stream = torch.cuda.Stream(cuda_device)
+            self._cuda_stream.wait_stream(torch.cuda.current_stream(cuda_device))
+        self._modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        self.produced = 0                       # tokens put on the queue so far
+        self.t_end: Optional[float] = None      # perf_counter() when the iterator ended (or failed)
+        self._finished = False                  # the consumer has seen the end
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        inference, grad = self._modes
+        try:
+            stream_ctx: Any = contextlib.nullcontext() if self._cuda_stream is None else torch.cuda.stream(
+                self._cuda_stream)
+            with stream_ctx, torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                for tok in self._it:
+                    if self._stop.is_set():
+                        break
+                    self._q.put((int(tok), None))
+                    self.produced += 1
+                    if self._stop.is_set():
+                        break
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._q.put((self._END, e))
+        else:
+            self._q.put((self._END, None))
+        finally:
+            self.t_end = time.perf_counter()
+            close = getattr(self._it, "close", None)
+            if close is not None:  # a generator's cleanup runs in the thread that ran it
+                try:
+                    close()
+                except Exception:  # pragma: no cover - cleanup failure after the end
+                    log.debug("closing the token iterator failed", exc_info=True)
+
+    def __iter__(self) -> Iterator[int]:
+        while not self._finished:
+            tok, err = self._q.get()
+            if tok is self._END:
+                self._finished = True
+                self._thread.join()
+                if err is not None:
+                    raise err
+                return
+            yield tok
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the thread after the token in progress and wait for it (``timeout`` None: as long as it takes)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "TokenProducer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HiftStream:
+    """The vocoder half of upstream's streaming token2wav: :meth:`push` appends a mel chunk to
+    the mel cache, vocodes the whole cache (``finalize=False`` until the last chunk) and returns
+    only the samples not returned before (upstream's ``hift_cache_dict`` ``mel`` / ``speech_offset``)."""
+
+    def __init__(self, backend: Any, noise: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self.backend = backend
+        self.noise = noise
+        self.mel: Optional[torch.Tensor] = None    # [1, 80, frames] every frame pushed so far
+        self.speech_offset = 0                     # samples returned so far
+
+    def push(self, mel: torch.Tensor, finalize: bool = False) -> torch.Tensor:
+        """Add ``mel`` [1, 80, frames]; the new samples [1, n] (all that remain when ``finalize``)."""
+        self.mel = mel if self.mel is None else torch.cat([self.mel, mel.to(self.mel.device)], dim=2)
+        speech, _ = self.backend.hift(self.mel, finalize=finalize, noise=self.noise)
+        new = speech[:, self.speech_offset:]
+        self.speech_offset += new.shape[1]
+        return new
 
 
 class Pipeline:
@@ -171,52 +278,99 @@ class Pipeline:
     def token2wav_stream(self, tokens: Iterable[int], prompt_token: Optional[torch.Tensor] = None,
                          prompt_feat: Optional[torch.Tensor] = None, embedding: Optional[torch.Tensor] = None,
                          flow_noise: Optional[torch.Tensor] = None,
-                         hift_noise: Optional[Dict[str, torch.Tensor]] = None) -> Iterator[StreamChunk]:
-        """Upstream's streaming token2wav: as tokens arrive, every ``hop + 3`` new tokens run the
-        flow (chunk mask, ``finalize=False``) over all tokens so far, keep the new mel frames,
-        vocode the accumulated mel with ``finalize=False`` and yield the new samples; the rest
-        is flushed with ``finalize=True`` when the tokens end."""
+                         hift_noise: Optional[Dict[str, torch.Tensor]] = None, *,
+                         concurrent: Optional[bool] = None, token_hop_len: int = TOKEN_HOP_LEN,
+                         token_max_hop_len: int = TOKEN_MAX_HOP_LEN, stream_scale_factor: float = STREAM_SCALE_FACTOR,
+                         last_call_streaming: bool = False) -> Iterator[StreamChunk]:
+        """Upstream's streaming token2wav (``CosyVoice3Model.tts(stream=True)``).
+
+        As tokens arrive, every ``hop + 3`` new tokens (3 = the flow's pre-lookahead; the first hop
+        is padded so that prompt tokens + hop fill whole hops) run the flow with the chunk mask
+        (``streaming=True, finalize=False``) over all tokens so far; the mel from the token offset
+        on is appended to the mel cache, the cache is vocoded with ``finalize=False`` and the new
+        samples are yielded. The hop grows ×``stream_scale_factor`` per chunk up to
+        ``token_max_hop_len``. When the tokens end, one last call over all tokens with
+        ``finalize=True`` flushes the rest; upstream makes that call with ``stream=False`` (no
+        chunk mask), ``last_call_streaming=True`` keeps the mask (the protocol of upstream's
+        ``flow.py`` ``__main__`` that the ``flow_stream_*`` fixtures follow).
+
+        ``tokens``: a list / tensor of speech tokens, or any iterator of them (e.g.
+        ``backend.llm_generate(...)``). An iterator is consumed in a background thread
+        (:class:`TokenProducer`, upstream's ``llm_job``) so that token2wav runs while tokens are
+        generated (``concurrent``: None = for iterators, unless a tap capture is active or the
+        backend sets ``supports_concurrent_llm = False``; True / False to force). Closing this
+        generator early stops that thread.
+        """
         prompt_token = _empty_ids() if prompt_token is None else prompt_token
         prompt_feat = torch.zeros(1, 0, 80) if prompt_feat is None else prompt_feat
         embedding = torch.zeros(1, 192) if embedding is None else embedding
+        if token_hop_len < 1 or token_max_hop_len < token_hop_len or stream_scale_factor < 1:
+            raise InputError(f"bad streaming schedule: hop {token_hop_len}, max hop {token_max_hop_len}, scale "
+                             f"{stream_scale_factor} (need hop >= 1, max hop >= hop, scale >= 1)")
         ratio = self.model.config.token_mel_ratio
         lookahead = int(getattr(self.model.flow, "pre_lookahead_len", 3))
-        hop = TOKEN_HOP_LEN
+        hop = token_hop_len
         prompt_pad = -(-prompt_token.shape[1] // hop) * hop - prompt_token.shape[1]
         got: List[int] = []
-        offset, speech_offset = 0, 0
-        mel_cache: Optional[torch.Tensor] = None
+        offset = 0
+        vocoder = HiftStream(self.backend, noise=hift_noise)
 
-        def run(upto: int, finalize: bool) -> torch.Tensor:
-            nonlocal mel_cache, speech_offset
+        def run(upto: int, finalize: bool, streaming: bool) -> torch.Tensor:
             tok = torch.tensor([got[:upto]], dtype=torch.long)
-            mel = self.backend.flow(tok, prompt_token, prompt_feat, embedding, streaming=True, finalize=finalize,
-                                    noise=flow_noise)[:, :, offset * ratio:]
-            mel_cache = mel if mel_cache is None else torch.cat([mel_cache, mel], dim=2)
-            speech, _ = self.backend.hift(mel_cache, finalize=finalize, noise=hift_noise)
-            new = speech[:, speech_offset:]
-            speech_offset += new.shape[1]
-            return new
+            mel = self.backend.flow(tok, prompt_token, prompt_feat, embedding, streaming=streaming,
+                                    finalize=finalize, noise=flow_noise)[:, :, offset * ratio:]
+            return vocoder.push(mel, finalize)
 
-        it = iter(tokens)
-        done = False
-        while not done:
-            this_hop = hop + prompt_pad if offset == 0 else hop
-            need = offset + this_hop + lookahead
-            while len(got) < need:
-                try:
-                    got.append(int(next(it)))
-                except StopIteration:
-                    done = True
-                    break
-            if not done:
-                speech = run(need, finalize=False)
-                offset += this_hop
-                hop = min(TOKEN_MAX_HOP_LEN, hop * STREAM_SCALE_FACTOR)
-                yield StreamChunk(speech.cpu(), len(got), False, time.perf_counter())
-        if not got:
-            raise InputError("no speech tokens to synthesise (the LLM stopped at once)")
-        yield StreamChunk(run(len(got), finalize=True).cpu(), len(got), True, time.perf_counter())
+        if concurrent is None:
+            concurrent = (not isinstance(tokens, (list, tuple, torch.Tensor)) and iter(tokens) is tokens
+                          and not self._taps_in_use()
+                          and bool(getattr(self.backend, "supports_concurrent_llm", True)))
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.flatten().tolist()
+        producer: Optional[TokenProducer] = None
+        if concurrent:
+            dev = self.backend.device
+            producer = TokenProducer(tokens, cuda_device=dev if dev.type == "cuda" else None)
+            it: Iterator[int] = iter(producer)
+        else:
+            it = iter(tokens)
+        try:
+            done = False
+            while not done:
+                this_hop = hop + prompt_pad if offset == 0 else hop
+                need = offset + this_hop + lookahead
+                while len(got) < need:
+                    try:
+                        got.append(int(next(it)))
+                    except StopIteration:
+                        done = True
+                        break
+                if not done:
+                    speech = run(need, finalize=False, streaming=True)
+                    offset += this_hop
+                    hop = min(token_max_hop_len, int(hop * stream_scale_factor))
+                    yield StreamChunk(speech.cpu(), len(got), False, time.perf_counter())
+            if producer is not None:
+                producer.close()  # ended: join the thread before the last call (upstream: p.join())
+            if not got:
+                raise InputError("no speech tokens to synthesise (the LLM stopped at once)")
+            last = run(len(got), finalize=True, streaming=last_call_streaming)
+            yield StreamChunk(last.cpu(), len(got), True, time.perf_counter())
+        finally:
+            if producer is not None:
+                producer.close()
+
+    def _taps_in_use(self) -> bool:
+        """True when tap captures may run: their recorder is process-global, so the LLM stays in this thread."""
+        from . import taps
+
+        if taps.enabled():
+            return True
+        try:
+            from parity.capture import CapturingBackend
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(self.backend, CapturingBackend)
 
     def tts_stream(self, text: Union[str, torch.Tensor], prompt_text: Union[str, torch.Tensor, None] = None,
                    prompt_speech_token: Optional[torch.Tensor] = None, prompt_feat: Optional[torch.Tensor] = None,
@@ -230,7 +384,9 @@ class Pipeline:
         token_iter = self.backend.llm_generate(text_ids, prompt_ids, prompt_speech_token, min_len=min_tokens,
                                                max_len=max_tokens, generator=gen,
                                                strict_min_len=min_tokens is not None)
-        yield from self.token2wav_stream(token_iter, prompt_speech_token, prompt_feat, embedding)
+        stream = self.token2wav_stream(token_iter, prompt_speech_token, prompt_feat, embedding)
+        with contextlib.closing(stream) as chunks:
+            yield from chunks
 
     def _prepare_text(self, text: Union[str, torch.Tensor], prompt_text: Union[str, torch.Tensor, None],
                       add_default_instruction: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,8 +559,8 @@ class Pipeline:
             raise InputError(f"speed must be > 0, got {speed}")
         if stream:
             if speed != 1.0:
-                raise InputError("speed works only without streaming (upstream: 'speed change only support "
-                                 "non-stream inference mode')")
+                raise InputError(f"speed {speed:g} works only without streaming: drop --stream (stream=True) or use "
+                                 "speed 1.0 (upstream: 'speed change only support non-stream inference mode')")
             return self._stream_inputs(list(inputs), seed, min_tokens, max_tokens)
         return self._synth_inputs(list(inputs), speed, seed, min_tokens, max_tokens, frontend_s)
 
@@ -443,9 +599,11 @@ class Pipeline:
         gen = self._generator(seed)
         last = len(inputs) - 1
         for k, inp in enumerate(inputs):
-            for chunk in self.token2wav_stream(self._segment_tokens(inp, gen, min_tokens, max_tokens),
-                                               inp.flow_prompt_speech_token, inp.prompt_speech_feat,
-                                               self._flow_embedding(inp)):
-                chunk.segment = k
-                chunk.final = chunk.final and k == last
-                yield chunk
+            # closing: a consumer that stops early stops this segment's LLM thread at once
+            with contextlib.closing(self.token2wav_stream(self._segment_tokens(inp, gen, min_tokens, max_tokens),
+                                                          inp.flow_prompt_speech_token, inp.prompt_speech_feat,
+                                                          self._flow_embedding(inp))) as chunks:
+                for chunk in chunks:
+                    chunk.segment = k
+                    chunk.final = chunk.final and k == last
+                    yield chunk
