@@ -187,8 +187,9 @@ class RotaryEmbedding(Float32BuffersMixin, nn.Module):
         """Angles [1, seq_len, dim] for positions 0..seq_len-1, each frequency repeated for its pair."""
         inv_freq = self.inv_freq.float()
         pos = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
-        freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0)
-        return freqs.repeat_interleave(2, dim=-1).unsqueeze(0)
+        # repeat the (static) frequency table, not the [seq_len, dim/2] product: same values, and
+        # the ONNX exporter keeps the rank when seq_len is dynamic
+        return (pos.unsqueeze(1) * inv_freq.repeat_interleave(2).unsqueeze(0)).unsqueeze(0)
 
 
 def _rotate_pairs(x: Tensor) -> Tensor:

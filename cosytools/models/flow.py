@@ -128,6 +128,13 @@ class CausalConditionalCFM(Float32BuffersMixin, nn.Module):
 
         ``noise`` is the start state z [1 or B, 80, >=L] (its first L frames are used); default ``rand_noise[:, :, :L]``.
         """
+        z = self.initial_state(mu, noise, temperature)
+        t_span = self.t_span(n_timesteps, device=mu.device)
+        return self.solve_euler(z, t_span, mu=mu, mask=mask, spks=spks, cond=cond, streaming=streaming), None
+
+    def initial_state(self, mu: Tensor, noise: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+        """The ODE start z [1, 80, L] float32 for ``mu`` [B, 80, L]: the first L frames of ``noise``
+        (default: the fixed ``rand_noise`` buffer), times ``temperature``."""
         channels, length = mu.shape[1], mu.shape[2]
         if noise is None:
             if length > self.rand_noise.shape[2] or channels != self.rand_noise.shape[1]:
@@ -138,9 +145,7 @@ class CausalConditionalCFM(Float32BuffersMixin, nn.Module):
             raise InputError(f"flow decoder: noise must be [1, {channels}, >={length}], got {list(noise.shape)}")
         else:
             noise = noise[:, :, :length]  # a longer table is used by prefix, like the fixed buffer
-        z = noise.to(device=mu.device, dtype=torch.float32) * temperature
-        t_span = self.t_span(n_timesteps, device=mu.device)
-        return self.solve_euler(z, t_span, mu=mu, mask=mask, spks=spks, cond=cond, streaming=streaming), None
+        return noise.to(device=mu.device, dtype=torch.float32) * temperature
 
     def solve_euler(self, x: Tensor, t_span: Tensor, mu: Tensor, mask: Tensor, spks: Optional[Tensor],
                     cond: Optional[Tensor], streaming: bool = False) -> Tensor:
@@ -221,6 +226,17 @@ class CausalMaskedDiffWithDiT(nn.Module):
         context; ``streaming=True`` uses the DiT's chunk attention mask.  ``noise`` is the
         ODE start [1, 80, L] (L = prompt + generated frames); default: the fixed buffer.
         """
+        mu, mask, spk, conds, mel_len1 = self.prepare_decoder_inputs(
+            token, token_len, prompt_token, prompt_token_len, prompt_feat, embedding, finalize)
+        feat, _ = self.decoder(mu=mu, mask=mask, n_timesteps=n_timesteps, spks=spk, cond=conds,
+                               streaming=streaming, noise=noise)
+        return feat[:, :, mel_len1:].float(), None
+
+    def prepare_decoder_inputs(self, token: Tensor, token_len: Tensor, prompt_token: Tensor,
+                               prompt_token_len: Tensor, prompt_feat: Tensor, embedding: Tensor,
+                               finalize: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Everything before the ODE: ``(mu [1,80,L], mask [1,1,L], spks [1,80], cond [1,80,L],
+        prompt_mel_frames)`` in the module dtype (see :meth:`inference` for the arguments)."""
         if token.shape[0] != 1:
             raise InputError(f"flow inference takes batch 1, got token shape {list(token.shape)}")
         if self.pre_lookahead_layer is None or self.decoder is None:
@@ -259,7 +275,4 @@ class CausalMaskedDiffWithDiT(nn.Module):
         tap("mu", mu)
         tap("cond", conds)
         tap("mask", mask)
-
-        feat, _ = self.decoder(mu=mu, mask=mask, n_timesteps=n_timesteps, spks=spk, cond=conds,
-                               streaming=streaming, noise=noise)
-        return feat[:, :, mel_len1:].float(), None
+        return mu, mask, spk, conds, mel_len1

@@ -27,7 +27,7 @@ Numerical policy (float32 runs reproduce upstream to round-off):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -552,10 +552,23 @@ class CausalHiFTGenerator(nn.Module):
 
     def decode(self, x: torch.Tensor, s: torch.Tensor, finalize: bool = True) -> torch.Tensor:
         """mel [B,80,T] + source [B,1,N] -> waveform [B, samples] (float32)."""
-        dt = self.dtype
         s_real, s_imag = self._stft(s.squeeze(1).to(torch.float32))
         tap("s_stft_real", s_real)
         tap("s_stft_imag", s_imag)
+        magnitude, phase = self.decode_body(x, s_real, s_imag, finalize)
+        tap("magnitude", magnitude)
+        tap("phase", phase)
+        wav = self._istft(magnitude, phase)
+        tap("istft", wav)
+        if not finalize:
+            wav = wav[:, :wav.shape[1] - self.upsample_scale]
+        return torch.clamp(wav, -self.audio_limit, self.audio_limit)
+
+    def decode_body(self, x: torch.Tensor, s_real: torch.Tensor, s_imag: torch.Tensor,
+                    finalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The convolution stack of :meth:`decode`: mel [B,80,T] + source STFT (real, imag
+        [B, n_fft/2+1, frames]) -> (magnitude, phase) [B, n_fft/2+1, frames'] float32."""
+        dt = self.dtype
         x = x.to(dt)
         if finalize:
             x = self.conv_pre(x)
@@ -591,13 +604,7 @@ class CausalHiFTGenerator(nn.Module):
         nb = self.n_fft // 2 + 1
         magnitude = torch.exp(x[:, :nb, :])
         phase = torch.sin(x[:, nb:, :])  # sin before the cos/sin of the iSTFT: redundant, kept as upstream
-        tap("magnitude", magnitude)
-        tap("phase", phase)
-        wav = self._istft(magnitude, phase)
-        tap("istft", wav)
-        if not finalize:
-            wav = wav[:, :wav.shape[1] - self.upsample_scale]
-        return torch.clamp(wav, -self.audio_limit, self.audio_limit)
+        return magnitude, phase
 
     def forward(self, speech_feat: torch.Tensor, finalize: bool = True,
                 noise: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -608,6 +615,18 @@ class CausalHiFTGenerator(nn.Module):
         as upstream's streaming calls do.  ``noise`` = ``{'rand_ini': [1,9], 'sine': [1,N,9],
         'uv': [1,N,1]}`` replays upstream's fixed tables (longer tables are cut to N);
         ``None`` uses :class:`DefaultSourceNoise`.
+        """
+        mel, s = self.source_excitation(speech_feat, finalize=finalize, noise=noise)
+        return self.decode(mel, s, finalize=finalize), s
+
+    def source_excitation(self, speech_feat: torch.Tensor, finalize: bool = True,
+                          noise: Optional[Dict[str, torch.Tensor]] = None,
+                          f0_predictor: Optional[Callable[..., torch.Tensor]] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The part of :meth:`forward` before :meth:`decode`: checks the input, predicts F0 (float64)
+        and builds the harmonic source.  Returns (mel for ``decode`` — the F0 look-ahead removed
+        when ``finalize=False`` —, source [B,1,N] float32).  ``f0_predictor`` replaces the call of
+        the float64 F0 module (same arguments and result), e.g. by a compiled version of it.
         """
         if self.sampling_rate == 22050:
             raise ConfigError(
@@ -627,7 +646,7 @@ class CausalHiFTGenerator(nn.Module):
         rand_ini, sine_noise, uv_noise = self._noise_tables(num_samples, noise, speech_feat.device)
 
         # upstream: the F0 predictor's precision is crucial for causal inference -> float64
-        f0_64 = f0p(speech_feat.to(torch.float64), finalize=finalize)
+        f0_64 = (f0p if f0_predictor is None else f0_predictor)(speech_feat.to(torch.float64), finalize=finalize)
         tap("f0_f64", f0_64)
         f0 = f0_64.to(device=speech_feat.device, dtype=torch.float32)
         tap("f0", f0)
@@ -640,7 +659,7 @@ class CausalHiFTGenerator(nn.Module):
         mel = speech_feat
         if not finalize:
             mel, _ = _split_right(speech_feat, f0_look_ahead)
-        return self.decode(mel, s, finalize=finalize), s
+        return mel, s
 
     @torch.inference_mode()
     def inference(self, speech_feat: torch.Tensor, finalize: bool = True,

@@ -1,0 +1,198 @@
+"""Flow and HiFT parts of the ``compiled`` backend (token -> mel -> waveform).
+
+Flow: the pre-decoder part (token embedding, pre-lookahead convs, conditions) runs as written
+(cheap, and it emits the stage taps).  The ODE runs on a length *bucket*: every [.., L] input
+is padded on the right to the bucket length Lb with zero frames and a zero frame mask.  That
+leaves the L valid frames unchanged: the DiT's position convolutions are causal (left-padded),
+its rotary angles depend on the absolute position only, the attention mask hides padded keys
+from every valid query (the chunk mask too, when streaming), and everything else is per frame;
+the padded frames' own values are garbage that nothing valid reads, and they are cut off at
+the end.  One Euler step (CFG batch of 2, the DiT, the CFG combination, the update) is one
+compiled function with static shapes per (bucket, streaming); on CUDA the 10 steps are
+captured as one CUDA graph per (bucket, streaming).
+
+HiFT: the convolution stack (``CausalHiFTGenerator.decode_body``: conv_pre … conv_post, exp/sin)
+is compiled (automatic dynamic shapes: one graph for all lengths after the second length);
+the F0 predictor is compiled too and stays float64 (``compile_f0=False`` keeps it eager); the
+harmonic source (float64-accumulated phase, device-independent by design) and the STFT/iSTFT
+(complex tensors, which inductor does not lower) run eagerly on the model's device.  On CUDA
+the compiled conv stack is captured as a CUDA graph per exact mel length once that length
+has been seen ``hift_graph_after`` times (streaming chunks repeat lengths; one-off lengths are
+not worth a capture and its memory pool).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cosytools.models.flow import euler_schedule
+from cosytools.taps import enabled, paused, tap
+
+from .compiled_util import Compiler, GraphCache, GraphedCall, bucket
+
+__all__ = ["FlowRunner", "HiftRunner"]
+
+log = logging.getLogger(__name__)
+
+
+class FlowRunner:
+    """Bucketed, compiled (and on CUDA graphed) flow-matching decoder of a ``CausalMaskedDiffWithDiT``."""
+
+    def __init__(self, flow: torch.nn.Module, compiler: Compiler, *, buckets: Sequence[int], cuda_graphs: bool,
+                 n_timesteps: int = 10, dynamic: bool = False) -> None:
+        self.flow = flow
+        self.cfm = flow.decoder
+        self.est = self.cfm.estimator
+        w = flow.spk_embed_affine_layer.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.buckets = tuple(buckets)
+        self.compiler = compiler
+        t_span = self.cfm.t_span(n_timesteps, device=self.device)
+        t_seq, dt_seq = euler_schedule(t_span)
+        self.t_seq = t_seq
+        # separate 0-d tensors: one compiled step serves every step (no per-step specialisation)
+        self.ts = [t_seq[i].clone() for i in range(n_timesteps)]
+        self.dts = [dt_seq[i].clone() for i in range(n_timesteps)]
+        self.cfg_rate = float(self.cfm.inference_cfg_rate)
+        self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
+        # dynamic: one compiled step for every bucket (the length axis symbolic), graphs still per bucket
+        self.dynamic = dynamic and compiler.backend != "none"
+        self._step = compiler(self.euler_step, dynamic=None if self.dynamic else False)
+        self.graphs = GraphCache(max_size=32, after=1)
+
+    def bucket_len(self, length: int) -> int:
+        return bucket(length, self.buckets, 256)
+
+    # -- compiled pieces ----------------------------------------------------------------------
+    def euler_step(self, x: Tensor, mu_in: Tensor, mask_in: Tensor, spks_in: Tensor, cond_in: Tensor,
+                   t: Tensor, dt: Tensor, streaming: bool) -> Tensor:
+        """One Euler step with classifier-free guidance (as ``CausalConditionalCFM.solve_euler``)."""
+        dtype = mu_in.dtype
+        x_in = torch.cat([x, x], dim=0).to(dtype)
+        t_in = t.expand(2).to(dtype)
+        out = self.est(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming).float()
+        v_cond, v_uncond = out[:1], out[1:]
+        dphi = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
+        return x + dt * dphi
+
+    def _solve(self, z: Tensor, mu_in: Tensor, mask_in: Tensor, spks_in: Tensor, cond_in: Tensor,
+               streaming: bool, on_step: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+        x = z
+        if self.dynamic:
+            for t in (x, mu_in, mask_in, cond_in):
+                torch._dynamo.mark_dynamic(t, 2)
+        with paused():
+            for i in range(len(self.ts)):
+                x = self._step(x, mu_in, mask_in, spks_in, cond_in, self.ts[i], self.dts[i], streaming)
+                if on_step is not None:
+                    on_step(i, x)
+        return x
+
+    def solve(self, z: Tensor, mu_in: Tensor, mask_in: Tensor, spks_in: Tensor, cond_in: Tensor,
+              streaming: bool, on_step: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+        """The 10 Euler steps on bucket-length inputs; one graph replay on CUDA (``on_step`` is then
+        not called: the steps are not observable inside the graph)."""
+        if self.compiler.inductor_cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if not self.graphs_on:
+            return self._solve(z, mu_in, mask_in, spks_in, cond_in, streaming, on_step)
+        args = (z, mu_in, mask_in, spks_in, cond_in)
+        key = (z.shape[-1], streaming)
+        g = self.graphs.get(key, lambda: GraphedCall(
+            lambda *a: self._solve(*a, streaming=streaming), args))
+        return g(*args).clone()
+
+    # -- stage call ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, token: Tensor, prompt_token: Tensor, prompt_feat: Tensor, embedding: Tensor, *,
+                 streaming: bool, finalize: bool, noise: Optional[Tensor]) -> Tensor:
+        d = self.device
+        n = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32, device=d)  # noqa: E731
+        mu, mask, spk, conds, mel_len1 = self.flow.prepare_decoder_inputs(
+            token, n(token), prompt_token, n(prompt_token), prompt_feat, embedding, finalize)
+        z = self.cfm.initial_state(mu, None if noise is None else noise.to(d))
+        length = mu.shape[2]
+        pad = self.bucket_len(length) - length
+        dtype = mu.dtype
+        mask_in = torch.cat([mask, mask], dim=0).to(dtype)
+        mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0)
+        spks_in = torch.cat([spk, torch.zeros_like(spk)], dim=0).to(dtype)
+        cond_in = torch.cat([conds, torch.zeros_like(conds)], dim=0).to(dtype)
+        if pad:
+            z, mu_in, mask_in, cond_in = (F.pad(t, (0, pad)) for t in (z, mu_in, mask_in, cond_in))
+        tap("t", self.t_seq)
+        on_step = None
+        if enabled():
+            def on_step(i: int, x: Tensor) -> None:
+                tap(f"step{i:02d}.x", x[:, :, :length])
+        x = self.solve(z.contiguous(), mu_in.contiguous(), mask_in.contiguous(), spks_in.contiguous(),
+                       cond_in.contiguous(), streaming, on_step)
+        return x[:, :, mel_len1:length].float()
+
+
+class HiftRunner:
+    """Compiled HiFT decode (see the module docstring for what is compiled, graphed or eager)."""
+
+    def __init__(self, hift: torch.nn.Module, compiler: Compiler, *, cuda_graphs: bool, compile_f0: bool = True,
+                 graph_after: int = 2, graph_max: int = 4) -> None:
+        self.hift = hift
+        self.device = hift.conv_pre.weight.device
+        self.compiler = compiler
+        # the time axis is marked dynamic on every call: one compiled graph per finalize flag
+        self._f0 = compiler(hift.f0_predictor.forward, dynamic=None) if compile_f0 else None
+        self._body = compiler(hift.decode_body, dynamic=None)
+        self._dynamic = compiler.backend != "none"
+        self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
+        self.graphs = GraphCache(max_size=graph_max, after=graph_after)
+
+    def _mark(self, *ts: Tensor) -> None:
+        if self._dynamic:
+            for t in ts:
+                torch._dynamo.mark_dynamic(t, t.dim() - 1)
+
+    def _f0_call(self, x: Tensor, finalize: bool = True) -> Tensor:
+        self._mark(x)
+        with paused():
+            return self._f0(x, finalize=finalize)
+
+    def _body_dyn(self, mel: Tensor, s_real: Tensor, s_imag: Tensor, finalize: bool) -> Tuple[Tensor, Tensor]:
+        self._mark(mel, s_real, s_imag)
+        return self._body(mel, s_real, s_imag, finalize)
+
+    def _body_call(self, mel: Tensor, s_real: Tensor, s_imag: Tensor, finalize: bool) -> Tuple[Tensor, Tensor]:
+        if self.compiler.inductor_cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with paused():
+            args = (mel, s_real, s_imag)
+            g = None
+            if self.graphs_on:
+                key = (mel.shape[-1], s_real.shape[-1], finalize)
+                g = self.graphs.get(key, lambda: GraphedCall(lambda *a: self._body_dyn(*a, finalize), args))
+            if g is None:
+                return self._body_dyn(mel, s_real, s_imag, finalize)
+            mag, ph = g(*args)
+            return mag.clone(), ph.clone()
+
+    @torch.inference_mode()
+    def __call__(self, mel: Tensor, *, finalize: bool, noise: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
+        h = self.hift
+        if not mel.is_inference():  # one kind of tensor for the compiled code (no guard failure)
+            mel = mel.clone()
+        f0 = self._f0_call if self._f0 is not None else None
+        mel_dec, s = h.source_excitation(mel, finalize=finalize, noise=noise, f0_predictor=f0)
+        s_real, s_imag = h._stft(s.squeeze(1).to(torch.float32))
+        tap("s_stft_real", s_real)
+        tap("s_stft_imag", s_imag)
+        magnitude, phase = self._body_call(mel_dec.to(h.dtype).contiguous(), s_real.contiguous(),
+                                           s_imag.contiguous(), finalize)
+        tap("magnitude", magnitude)
+        tap("phase", phase)
+        wav = h._istft(magnitude, phase)
+        tap("istft", wav)
+        if not finalize:
+            wav = wav[:, :wav.shape[1] - h.upsample_scale]
+        return torch.clamp(wav, -h.audio_limit, h.audio_limit), s

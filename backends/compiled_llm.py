@@ -1,0 +1,510 @@
+"""LLM part of the ``compiled`` backend: static KV cache, bucketed prefill, graphed decode step,
+RAS sampling on the device.
+
+Layout (after gpt-fast): :class:`StaticLM` holds the Qwen2 trunk of a loaded ``CosyVoice3LM``
+(the same parameters, not a copy) plus pre-allocated per-layer K/V caches of a fixed length
+``S`` and the decode state (position, step counter, repetition window, next-token log-probs)
+as module buffers.  Every function it exposes has static shapes for a given ``S`` and prefill
+bucket, keeps positions in tensors and updates the caches in place, so it compiles once and
+can be replayed as a CUDA graph.
+
+Two sampling modes:
+
+* **exact** (``exact_sampling=True``): the decode step is compiled/graphed, the sampling is the
+  model's own ``ras_sampling`` on the host side, consuming the torch generator exactly like
+  the eager backend — same seed, same tokens (one host sync per token).
+* **device** (``exact_sampling=False``): RAS sampling (top-p 0.8, top-k 25, window 10,
+  tau_r 0.1, min-length masking of the sos id) runs inside the graphed step, followed by
+  the next decode step; the host reads the tokens every ``stop_check_every`` steps (or,
+  with ``async_stop``, one block late while the next block runs) and discards everything
+  after the first stop id.  Its randomness is a counter-based hash of (seed, step, id) —
+  the seed is drawn once from the caller's generator — so the tokens do not depend on
+  ``stop_check_every``, on the stop-check scheme or on the device; they are a valid RAS draw
+  but not eager's draw.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosytools.models.llm import CosyVoice3LM, TeacherForcedResult
+from cosytools.models.qwen2 import apply_rope, rope_cos_sin
+from cosytools.taps import paused, tap
+
+from .base import LLMSession
+from .compiled_util import Compiler, GraphCache, GraphedCall, bucket, pow2_bucket
+
+__all__ = ["StaticLM", "LLMRunner", "ras_sample_device", "hash_exponential", "consume_blocks"]
+
+log = logging.getLogger(__name__)
+
+_M32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- device sampling
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors holding values in [0, 2^32).
+
+    Multipliers stay below 2^31 so that no int64 product overflows (identical on every device)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 13)
+
+
+def hash_exponential(seed: torch.Tensor, step: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """``n`` Exp(1) variates [n] float32, a pure function of (seed, step, stream, index).
+
+    ``seed``, ``step``: int64 tensors [1].  Used instead of a stateful RNG inside the graphed step:
+    nothing to register with CUDA graphs, the same numbers on CPU and GPU, and independent of
+    how the steps are grouped between host syncs."""
+    j = torch.arange(n, device=seed.device, dtype=torch.int64)
+    s = _mix32((seed & _M32) ^ _mix32((step * 2 + stream) & _M32))
+    x = _mix32(_mix32((j * 0x61C88647 + s) & _M32) ^ s)  # multiplier < 2^31: Triton folds it as int32
+    u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)  # (0, 1), 24 bits
+    return -torch.log(u)
+
+
+def ras_sample_device(logp: torch.Tensor, window: torch.Tensor, e1: torch.Tensor, e2: torch.Tensor,
+                      top_p: float = 0.8, top_k: int = 25, win_size: int = 10, tau_r: float = 0.1) -> torch.Tensor:
+    """Repetition-aware sampling without host sync: returns the id [1] int64.
+
+    ``logp`` [V] float32 log-probs; ``window`` [win_size] int64 last decoded ids (-1 = empty);
+    ``e1``, ``e2`` [V] Exp(1) noise.  Same rule as :func:`cosytools.models.sampling.ras_sampling`:
+    nucleus = the longest prefix of the sorted distribution (at most ``top_k``) whose running sum
+    before each entry is below ``top_p``; a draw from it (exponential race: argmax p_i / E_i is
+    distributed as p); when that id already fills ``tau_r`` of the window, redraw from the full
+    distribution with the id removed.
+    """
+    probs = logp.softmax(dim=-1)
+    top_v, top_i = probs.topk(top_k)
+    keep = (top_v.cumsum(0) - top_v) < top_p
+    score = torch.where(keep, top_v / e1.gather(0, top_i), torch.full_like(top_v, -1.0))
+    pick = top_i.gather(0, score.argmax(0, keepdim=True))  # [1]
+    rep = (window == pick).sum()
+    fire = rep.to(torch.float32) >= win_size * tau_r
+    probs2 = logp.scatter(0, pick, float("-inf")).softmax(dim=-1)
+    pick2 = (probs2 / e2).argmax(0, keepdim=True)
+    return torch.where(fire, pick2, pick)
+
+
+# ----------------------------------------------------------------------------- static model
+
+class _LayerCache(nn.Module):
+    def __init__(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+
+class StaticLM(nn.Module):
+    """The CosyVoice3 LM over a static KV cache of ``max_len`` positions (see the module docstring).
+
+    Buffers: per-layer ``caches[i].k/v`` [1, kv_heads, S, head_dim]; ``pos`` [1] next write
+    position; ``logp`` [V] / ``hidden`` [H] of the last call; device-sampling state ``step_i``,
+    ``min_len``, ``strict`` (1: mask every stop id before ``min_len``), ``seed``, ``window``,
+    ``tokens`` [S] (sampled ids by step), ``tok_in`` [1].
+    """
+
+    def __init__(self, lm: CosyVoice3LM, max_len: int, win_size: int = 10, top_p: float = 0.8,
+                 top_k: int = 25, tau_r: float = 0.1) -> None:
+        super().__init__()
+        self.lm = lm
+        cfg = lm.llm.config
+        w = lm.llm_decoder.weight
+        device, dtype = w.device, w.dtype
+        self.S = int(max_len)
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.sos = lm.speech_token_size
+        self.top_p, self.top_k, self.win_size, self.tau_r = top_p, top_k, win_size, tau_r
+        shape = (1, cfg.num_key_value_heads, self.S, cfg.head_dim)
+        self.caches = nn.ModuleList(_LayerCache(shape, device, dtype) for _ in range(cfg.num_hidden_layers))
+        V = lm.llm_decoder.out_features
+        long = dict(device=device, dtype=torch.long)
+        for name, t in (("pos", torch.zeros(1, **long)), ("step_i", torch.zeros(1, **long)),
+                        ("min_len", torch.zeros(1, **long)), ("seed", torch.zeros(1, **long)),
+                        ("strict", torch.zeros(1, **long)),
+                        ("tok_in", torch.zeros(1, **long)), ("window", torch.full((win_size,), -1, **long)),
+                        ("tokens", torch.zeros(self.S, **long)),
+                        ("logp", torch.zeros(V, device=device, dtype=torch.float32)),
+                        ("hidden", torch.zeros(cfg.hidden_size, device=device, dtype=dtype))):
+            self.register_buffer(name, t, persistent=False)
+        self.owner: Optional[object] = None  # the session whose state the buffers hold
+
+    _STATE = ("pos", "step_i", "min_len", "seed", "strict", "tok_in", "window", "logp", "hidden", "tokens")
+
+    def snapshot(self, tail: int = 0) -> Dict[str, Any]:
+        """Copies of the decode state and of the last ``tail`` cache positions of every layer."""
+        snap: Dict[str, Any] = {n: getattr(self, n).clone() for n in self._STATE}
+        if tail:
+            snap["_tail"] = [(c.k[:, :, -tail:].clone(), c.v[:, :, -tail:].clone()) for c in self.caches]
+        return snap
+
+    def restore(self, snap: Dict[str, Any]) -> None:
+        for n, t in snap.items():
+            if n == "_tail":
+                for c, (k, v) in zip(self.caches, t):
+                    c.k[:, :, -k.shape[2]:].copy_(k)
+                    c.v[:, :, -v.shape[2]:].copy_(v)
+            else:
+                getattr(self, n).copy_(t)
+
+    # -- pieces ----------------------------------------------------------------------------
+    @property
+    def trunk(self) -> nn.Module:
+        return self.lm.llm.model.model
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        rep = attn.num_heads // attn.num_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        b, _, t, _ = q.shape
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+
+    # -- compiled entry points ---------------------------------------------------------------
+    def prefill(self, emb: torch.Tensor, last: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emb [1, Tb, H] (right-padded prompt), last [1] = true length - 1 -> (logp [V], hidden [H],
+        final hidden states [1, Tb, H]); fills cache positions [0, Tb) and sets ``pos`` = last + 1.
+        Causal attention makes the padding invisible to the valid positions; the padded cache
+        entries lie beyond ``pos`` and are overwritten by the decode steps before anything reads them."""
+        t = emb.shape[1]
+        cos, sin = rope_cos_sin(torch.arange(t, device=emb.device), self.head_dim, self.theta, emb.dtype)
+        h = emb
+        for layer, c in zip(self.trunk.layers, self.caches):
+            a = layer.self_attn
+            q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
+            c.k[:, :, :t] = k
+            c.v[:, :, :t] = v
+            h = h + self._attend(a, q, k, v, None)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.trunk.norm(h)
+        last_h = h.index_select(1, last)[:, 0]
+        logp = self.lm.logp(last_h)[0]
+        self.logp.copy_(logp)
+        self.hidden.copy_(last_h[0])
+        self.pos.copy_(last + 1)
+        return logp, last_h[0], h
+
+    @staticmethod
+    def _attend_one(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query position over the whole static cache, grouped-query without
+        repeating K/V (the ``repeat_interleave`` of the prefill would copy the cache 7 times per
+        layer and step); scores, softmax and weighted sum in float32.  q [1, H, 1, D],
+        k/v [1, KV, S, D], mask [1, 1, 1, S] (True = visible)."""
+        b, h, _, d = q.shape
+        kvh = k.shape[1]
+        qg = q.reshape(b, kvh, h // kvh, d).float()  # head i uses kv head i // (h // kvh), as repeat_interleave
+        scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        out = torch.matmul(p, v.float()).to(q.dtype)  # [1, KV, rep, D]
+        return attn.o_proj(out.reshape(b, 1, h * d))
+
+    def _decode(self, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        pos = self.pos
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.theta, emb.dtype)
+        mask = (torch.arange(self.S, device=pos.device) <= pos).view(1, 1, 1, self.S)
+        h = emb
+        for layer, c in zip(self.trunk.layers, self.caches):
+            a = layer.self_attn
+            q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
+            c.k.index_copy_(2, pos, k)
+            c.v.index_copy_(2, pos, v)
+            h = h + self._attend_one(a, q, c.k, c.v, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.trunk.norm(h)
+        last = h[:, -1]
+        logp = self.lm.logp(last)[0]
+        self.pos.add_(1)
+        self.logp.copy_(logp)
+        self.hidden.copy_(last[0])
+        return logp, last[0]
+
+    def step_exact(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tok_in`` at ``pos`` -> (logp [V], hidden [H]) of the next token."""
+        emb = self.lm.speech_embedding.weight.index_select(0, self.tok_in).view(1, 1, -1)
+        return self._decode(emb)
+
+    def step_device(self) -> torch.Tensor:
+        """Sample token ``step_i`` from ``logp`` (RAS, min-length mask), record it in ``tokens`` and
+        the repetition window, and run the decode step on it.  Returns the token [1]."""
+        i = self.step_i
+        V = self.logp.shape[0]
+        ids = torch.arange(V, device=i.device)
+        # before min_len: upstream masks the sos id only; strict_min_len masks every stop id
+        banned = (ids == self.sos) | ((self.strict > 0) & (ids >= self.sos))
+        logp = torch.where(banned & (i < self.min_len), float("-inf"), self.logp)
+        e1 = hash_exponential(self.seed, i, 0, V)
+        e2 = hash_exponential(self.seed, i, 1, V)
+        tok = ras_sample_device(logp, self.window, e1, e2, self.top_p, self.top_k, self.win_size, self.tau_r)
+        self.tokens.index_copy_(0, i, tok)
+        self.window.copy_(torch.cat([self.window[1:], tok]))
+        emb = self.lm.speech_embedding.weight.index_select(0, tok).view(1, 1, -1)
+        self._decode(emb)
+        self.step_i.add_(1)
+        return tok
+
+
+# ----------------------------------------------------------------------------- host side
+
+def consume_blocks(blocks: Iterator[List[int]], is_stop: Callable[[int], bool],
+                   sampled: Optional[List[int]]) -> Iterator[int]:
+    """Yield the ids of successive blocks up to (not including) the first stop id; ids after it
+    are discarded.  Every id up to and including the stop goes to ``sampled``."""
+    for block in blocks:
+        for t in block:
+            if sampled is not None:
+                sampled.append(t)
+            if is_stop(t):
+                return
+            yield t
+
+
+class _Session(LLMSession):
+    """A prefilled static cache; ``step`` runs the compiled (graphed) decode step."""
+
+    def __init__(self, runner: "LLMRunner", static: StaticLM, prompt_len: int, capacity: int) -> None:
+        self.runner, self.static = runner, static
+        self.prompt_len, self.capacity = prompt_len, capacity
+        self.length = prompt_len
+        static.owner = self
+
+    def _check(self) -> None:
+        if self.static.owner is not self:
+            raise RuntimeError("this LLM session's static KV cache was taken over by a newer session of the "
+                               "same size on the same backend; keep one live session per backend")
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        self._check()
+        if self.length + 1 > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; a call at {self.length} of length 1 "
+                             "overflows it")
+        self.static.tok_in.fill_(int(token))
+        logp, hidden = self.runner.decode_exact(self.static)
+        self.length += 1
+        self.logp, self.hidden = logp.clone(), hidden.clone()
+        return self.logp
+
+
+class LLMRunner:
+    """Static caches (one per cache length), their compiled functions and CUDA graphs."""
+
+    def __init__(self, lm: CosyVoice3LM, compiler: Compiler, *, prefill_buckets: Sequence[int],
+                 cuda_graphs: bool, exact_sampling: bool, stop_check_every: int, async_stop: bool,
+                 min_cache: int = 256) -> None:
+        self.lm, self.compiler = lm, compiler
+        self.device = lm.llm_decoder.weight.device
+        self.prefill_buckets = tuple(prefill_buckets)
+        self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
+        self.exact_sampling = exact_sampling
+        self.stop_check_every = max(1, int(stop_check_every))
+        self.async_stop = async_stop and self.device.type == "cuda"
+        self.min_cache = min_cache
+        self.statics: Dict[int, StaticLM] = {}
+        self.fns: Dict[int, Dict[str, Callable]] = {}
+        self.graphs = GraphCache(max_size=64, after=1)
+        self._pinned: Optional[torch.Tensor] = None
+        self.steps_run = 0  # device-sampling steps executed (including the discarded ones after a stop)
+
+    # -- caches and compiled functions ------------------------------------------------------
+    def cache_len(self, prompt_len: int, max_new: int) -> int:
+        tb = self.prefill_len(prompt_len)
+        return pow2_bucket(max(tb, prompt_len + max_new + 1), self.min_cache)
+
+    def prefill_len(self, prompt_len: int) -> int:
+        step = max(self.prefill_buckets) if self.prefill_buckets else 1
+        return bucket(prompt_len, self.prefill_buckets, step)
+
+    def static(self, S: int) -> StaticLM:
+        if S not in self.statics:
+            with torch.inference_mode():
+                st = StaticLM(self.lm, S)
+            self.statics[S] = st
+            c = self.compiler
+            self.fns[S] = {"prefill": c(st.prefill), "exact": c(st.step_exact), "device": c(st.step_device)}
+        return self.statics[S]
+
+    def _graph(self, st: StaticLM, name: str, *args: torch.Tensor) -> GraphedCall:
+        """The CUDA graph of ``fns[S][name]`` for these input shapes, captured on first use.
+
+        Capturing runs the function a few times (warm-up, compilation): the decode steps run at
+        the last cache positions, which are saved and restored with the rest of the decode
+        state, so capturing mid-session is safe (a prefill warm-up rewrites the cache from
+        position 0, which is why prefill graphs are captured right before a prefill).  Capture
+        itself only records: nothing runs on the state until the graph is replayed."""
+        fn = self.fns[st.S][name]
+        key = (name, st.S) + tuple(tuple(a.shape) for a in args)
+        warm = 2
+
+        def make() -> GraphedCall:
+            snap = st.snapshot(tail=warm + 1)
+            st.pos.fill_(st.S - warm - 1)
+            st.step_i.zero_()
+            try:
+                with paused():
+                    return GraphedCall(fn, args, warmup=warm)
+            finally:
+                st.restore(snap)
+
+        return self.graphs.get(key, make)
+
+    def _call(self, st: StaticLM, name: str, *args: torch.Tensor) -> Any:
+        if self.graphs_on:
+            return self._graph(st, name, *args)(*args)
+        if self.compiler.inductor_cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with paused():
+            return self.fns[st.S][name](*args)
+
+    def decode_exact(self, st: StaticLM) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._call(st, "exact")
+
+    def _prefill(self, st: StaticLM, lm_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = lm_input.shape[1]
+        tb = self.prefill_len(T)
+        emb = F.pad(lm_input, (0, 0, 0, tb - T))
+        last = torch.tensor([T - 1], device=lm_input.device, dtype=torch.long)
+        logp, hidden, h = self._call(st, "prefill", emb, last)
+        return logp.clone(), hidden.clone(), h[:, :T].clone()
+
+    def prepare(self, lm_input: torch.Tensor, max_new: int) -> Tuple[StaticLM, torch.Tensor, torch.Tensor]:
+        """Allocate/reuse the cache for this call, make sure its graphs exist (their warm-up runs
+        scribble on the state), then prefill.  Returns (static, logp, hidden)."""
+        S = self.cache_len(lm_input.shape[1], max_new)
+        st = self.static(S)
+        if self.graphs_on:  # capture (not run) the step graphs before the prefill defines the state
+            self._graph(st, "exact")
+            if not self.exact_sampling:
+                self._graph(st, "device")
+        logp, hidden, h = self._prefill(st, lm_input)
+        tap("final_hidden", h)
+        return st, logp, hidden
+
+    # -- stage calls ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def session(self, lm_input: torch.Tensor, max_new_tokens: int) -> _Session:
+        st, logp, hidden = self.prepare(lm_input, max_new_tokens)
+        s = _Session(self, st, lm_input.shape[1], lm_input.shape[1] + max_new_tokens + 1)
+        s.logp, s.hidden = logp, hidden
+        return s
+
+    @torch.inference_mode()
+    def teacher_force(self, lm_input: torch.Tensor, forced: Sequence[int]) -> TeacherForcedResult:
+        s = self.session(lm_input, len(forced))
+        rows, hiddens = [s.logp], [s.hidden]
+        for t in forced:
+            s.step(int(t))
+            rows.append(s.logp)
+            hiddens.append(s.hidden)
+        res = TeacherForcedResult(torch.stack(rows), torch.stack(hiddens))
+        tap("step_hidden", res.step_hidden)
+        return res
+
+    def generate(self, lm_input: torch.Tensor, min_len: int, max_len: int,
+                 generator: Optional[torch.Generator], sampled: Optional[List[int]],
+                 strict_min_len: bool = False, exact: Optional[bool] = None) -> Iterator[int]:
+        exact = self.exact_sampling if exact is None else exact
+        if exact:
+            yield from self._generate_exact(lm_input, min_len, max_len, generator, sampled, strict_min_len)
+        else:
+            yield from self._generate_device(lm_input, min_len, max_len, generator, sampled, strict_min_len)
+
+    def _generate_exact(self, lm_input: torch.Tensor, min_len: int, max_len: int,
+                        generator: Optional[torch.Generator], sampled: Optional[List[int]],
+                        strict_min_len: bool = False) -> Iterator[int]:
+        lm = self.lm
+        with torch.inference_mode():
+            s = self.session(lm_input, max_len)
+        out: List[int] = []
+        logp = s.logp
+        for i in range(max_len):
+            with torch.inference_mode():
+                if i > 0:
+                    logp = s.step(out[-1])
+                if i < min_len:
+                    if strict_min_len:
+                        logp[lm.speech_token_size:] = -float("inf")
+                    else:  # upstream masks only id speech_token_size (its sos), not eos
+                        logp[lm.speech_token_size] = -float("inf")
+                top = lm.sampling(logp, out, 25, generator=generator)
+            if sampled is not None:
+                sampled.append(top)
+            if lm.is_stop_token(top):
+                break
+            out.append(top)
+            yield top
+
+    def _generate_device(self, lm_input: torch.Tensor, min_len: int, max_len: int,
+                         generator: Optional[torch.Generator], sampled: Optional[List[int]],
+                         strict_min_len: bool = False) -> Iterator[int]:
+        lm = self.lm
+        with torch.inference_mode():
+            st, _, _ = self.prepare(lm_input, max_len)
+            owner = st.owner = object()
+            gdev = generator.device if generator is not None else torch.device("cpu")
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=gdev))
+            st.seed.fill_(seed)
+            st.min_len.fill_(int(min_len))
+            st.strict.fill_(1 if strict_min_len else 0)
+            st.step_i.zero_()
+            st.window.fill_(-1)
+        yield from consume_blocks(self._blocks(st, max_len, owner), lm.is_stop_token, sampled)
+
+    def _blocks(self, st: StaticLM, max_len: int, owner: object) -> Iterator[List[int]]:
+        """Run the device-sampling steps in blocks of ``stop_check_every``; yield each block's ids.
+
+        With ``async_stop`` (CUDA) block b+1 is queued before block b's ids are read (through a
+        pinned buffer), so the GPU never waits for the host's stop check."""
+        k = self.stop_check_every
+        depth = 2 if self.async_stop else 1
+        if self.async_stop and (self._pinned is None or self._pinned.numel() < st.S):
+            self._pinned = torch.empty(st.S, dtype=torch.long, pin_memory=True)
+        pending: collections.deque = collections.deque()
+        launched = 0
+        while True:
+            with torch.inference_mode():
+                while launched < max_len and len(pending) < depth:
+                    if st.owner is not owner:
+                        raise RuntimeError("the static KV cache was taken over by another call during generation")
+                    n = min(k, max_len - launched)
+                    for _ in range(n):
+                        self._call(st, "device")
+                    self.steps_run += n
+                    ev = None
+                    if self.async_stop:
+                        self._pinned[launched:launched + n].copy_(st.tokens[launched:launched + n], non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record()
+                    pending.append((launched, n, ev))
+                    launched += n
+                if not pending:
+                    return
+                start, n, ev = pending.popleft()
+                if ev is not None:
+                    ev.synchronize()
+                    block = self._pinned[start:start + n].tolist()
+                else:
+                    block = st.tokens[start:start + n].tolist()
+            yield block
