@@ -89,7 +89,9 @@ def _run_llm(backend: Any, dump: Dump, run: StageRun) -> None:
         return
     seed = int(dump.flag("seed", 0))
     min_len, max_len = dump.flag("min_len"), dump.flag("max_len")
-    gen_dev = backend.device if backend.device.type == "cuda" else "cpu"
+    # replay the dump's RNG: a CPU-made dump drew from torch's CPU generator, also when we run on a GPU
+    made_on_cuda = str(dump.metadata.get("device", "cpu")).startswith("cuda")
+    gen_dev = backend.device if (backend.device.type == "cuda" and made_on_cuda) else "cpu"
     gen = torch.Generator(device=gen_dev).manual_seed(seed)
     sampled: List[int] = []
     with taps.capture("llm") as rec:

@@ -37,14 +37,23 @@ def nucleus_sampling(weighted_scores: torch.Tensor, top_p: float = 0.8, top_k: i
     """Draw one id from the top-p / top-k nucleus of ``weighted_scores`` (log-probs or logits)."""
     prob, ids = _nucleus(weighted_scores, top_p, top_k)
     # upstream rebuilds the nucleus as a fresh tensor on the scores' device; sampling from a
-    # contiguous copy consumes the generator the same way
-    pick = prob.contiguous().multinomial(1, replacement=True, generator=generator)
-    return int(ids[pick].item())
+    # contiguous copy consumes the generator the same way.  A generator on another device
+    # (a CPU generator replaying a CPU-made dump on the GPU) draws where it lives.
+    prob = _on_generator_device(prob.contiguous(), generator)
+    pick = prob.multinomial(1, replacement=True, generator=generator)
+    return int(ids[pick.to(ids.device)].item())
+
+
+def _on_generator_device(t: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if generator is not None and generator.device != t.device:
+        return t.to(generator.device)
+    return t
 
 
 def random_sampling(weighted_scores: torch.Tensor, generator: Optional[torch.Generator] = None) -> int:
     """Draw one id from the full softmax of ``weighted_scores``."""
-    return int(weighted_scores.softmax(dim=0).multinomial(1, replacement=True, generator=generator).item())
+    probs = _on_generator_device(weighted_scores.softmax(dim=0), generator)
+    return int(probs.multinomial(1, replacement=True, generator=generator).item())
 
 
 def ras_sampling(weighted_scores: torch.Tensor, decoded_tokens: Sequence[int], sampling: int = 25,
