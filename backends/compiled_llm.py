@@ -437,23 +437,12 @@ class LLMRunner:
         lm = self.lm
         with torch.inference_mode():
             s = self.session(lm_input, max_len)
-        out: List[int] = []
-        logp = s.logp
-        for i in range(max_len):
+        loop = lm.sampling_loop(s.logp, s.step, min_len, max_len, generator, sampled, strict_min_len)
+        while True:  # inference mode around each step only, never across a yield
             with torch.inference_mode():
-                if i > 0:
-                    logp = s.step(out[-1])
-                if i < min_len:
-                    if strict_min_len:
-                        logp[lm.speech_token_size:] = -float("inf")
-                    else:  # upstream masks only id speech_token_size (its sos), not eos
-                        logp[lm.speech_token_size] = -float("inf")
-                top = lm.sampling(logp, out, 25, generator=generator)
-            if sampled is not None:
-                sampled.append(top)
-            if lm.is_stop_token(top):
-                break
-            out.append(top)
+                top = next(loop, None)
+            if top is None:
+                return
             yield top
 
     def _generate_device(self, lm_input: torch.Tensor, min_len: int, max_len: int,

@@ -505,22 +505,8 @@ class OnnxBackend(Backend):
         max_len = hi if max_len is None else max_len
         with torch.inference_mode():
             sess = self.llm_session(text, prompt_text, prompt_speech_token, max_len)
-        out: List[int] = []
         with paused(), torch.inference_mode():
-            for i in range(max_len):
-                logp = sess.logp if i == 0 else sess.step(out[-1])
-                if i < min_len:
-                    if strict_min_len:
-                        logp[lm.speech_token_size:] = -float("inf")
-                    else:  # upstream masks only id speech_token_size (its sos), not eos
-                        logp[lm.speech_token_size] = -float("inf")
-                top = lm.sampling(logp, out, 25, generator=generator)
-                if sampled is not None:
-                    sampled.append(top)
-                if lm.is_stop_token(top):
-                    break
-                out.append(top)
-                yield top
+            yield from lm.sampling_loop(sess.logp, sess.step, min_len, max_len, generator, sampled, strict_min_len)
 
     @torch.inference_mode()
     def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,

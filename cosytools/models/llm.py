@@ -136,24 +136,34 @@ class CosyVoice3LM(nn.Module):
         max_len = hi if max_len is None else max_len
         lm_input = self.build_lm_input(text, prompt_text, prompt_speech_token)
         cache = self.new_cache(lm_input.shape[1] + max_len + 1, lm_input.device, lm_input.dtype)
-        out: List[int] = []
         logp, _ = self.prefill(lm_input, cache)
         with paused():
-            for i in range(max_len):
-                if i > 0:
-                    logp, _ = self.step(out[-1], cache)
-                if i < min_len:
-                    if strict_min_len:
-                        logp[self.speech_token_size:] = -float("inf")
-                    else:  # upstream masks only id speech_token_size (its sos), not eos
-                        logp[self.speech_token_size] = -float("inf")
-                top = self.sampling(logp, out, sampling, generator=generator)
-                if sampled is not None:
-                    sampled.append(top)
-                if self.is_stop_token(top):
-                    break
-                out.append(top)
-                yield top
+            yield from self.sampling_loop(logp, lambda tok: self.step(tok, cache)[0], min_len, max_len,
+                                          generator, sampled, strict_min_len, sampling)
+
+    def sampling_loop(self, first_logp: torch.Tensor, step: Callable[[int], torch.Tensor], min_len: int,
+                      max_len: int, generator: Optional[torch.Generator] = None,
+                      sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                      sampling: int = 25) -> Iterator[int]:
+        """Upstream's decode loop over any executor: ``step(token)`` feeds a token back and returns
+        the next log-probs.  Applies the min-length mask, samples, stops on a stop id."""
+        out: List[int] = []
+        logp = first_logp
+        for i in range(max_len):
+            if i > 0:
+                logp = step(out[-1])
+            if i < min_len:
+                if strict_min_len:
+                    logp[self.speech_token_size:] = -float("inf")
+                else:  # upstream masks only id speech_token_size (its sos), not eos
+                    logp[self.speech_token_size] = -float("inf")
+            top = self.sampling(logp, out, sampling, generator=generator)
+            if sampled is not None:
+                sampled.append(top)
+            if self.is_stop_token(top):
+                break
+            out.append(top)
+            yield top
 
     @torch.inference_mode()
     def teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
