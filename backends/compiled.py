@@ -63,6 +63,8 @@ inductor's code generation; Dynamo tracing and CUDA-graph capture are redone per
 """
 from __future__ import annotations
 
+import collections
+
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -259,9 +261,9 @@ class CompiledBackend(Backend):
         s.step(0)
         if not self.opts["exact_sampling"]:
             gen = torch.Generator(device=self.device).manual_seed(0)
-            for _ in runner.generate(lm_input, 0, min(max_new_tokens, 2 * runner.stop_check_every), gen, None,
-                                     exact=False):  # noqa: SIM113
-                pass
+            warm = runner.generate(lm_input, 0, min(max_new_tokens, 2 * runner.stop_check_every), gen, None,
+                                   exact=False)
+            collections.deque(warm, maxlen=0)  # run the generator to its end
 
     def _warm_flow(self, frames: int, streaming: bool) -> None:
         r = self.flow_runner

@@ -6,6 +6,8 @@ buffers (CUDA only); ``GraphCache`` keeps a bounded set of them keyed by shape.
 """
 from __future__ import annotations
 
+import contextlib
+
 import bisect
 import logging
 import time
@@ -34,11 +36,9 @@ def configure_dynamo(recompile_limit: int = 64) -> None:
             setattr(dc, name, recompile_limit)
     if hasattr(dc, "accumulated_recompile_limit") and dc.accumulated_recompile_limit < 4 * recompile_limit:
         dc.accumulated_recompile_limit = 4 * recompile_limit
-    try:
+    with contextlib.suppress(Exception):  # inductor missing in an odd build
         import torch._inductor.config as ic
         ic.fx_graph_cache = True
-    except Exception:  # pragma: no cover - inductor missing in an odd build
-        pass
 
 
 def bucket(n: int, buckets: Optional[Sequence[int]], step: int) -> int:

@@ -592,11 +592,9 @@ def write_manifest(folder: Union[str, Path], files: Sequence[ExportedFile], info
 def _versions() -> Dict[str, str]:
     import onnx
     out = {"torch": torch.__version__, "onnx": onnx.__version__}
-    try:
-        import onnxruntime as ort
-        out["onnxruntime"] = ort.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    import onnxruntime as ort  # a dependency of cosytools
+
+    out["onnxruntime"] = ort.__version__
     return out
 
 

@@ -223,12 +223,10 @@ class Frontend:
     def _default_providers(self) -> List[str]:
         if self.providers:
             return self.providers
-        try:
-            import onnxruntime as ort
-            if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        except ImportError:  # pragma: no cover - onnxruntime is a dependency
-            pass
+        import onnxruntime as ort  # a dependency of cosytools
+
+        if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     @property
