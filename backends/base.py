@@ -30,7 +30,15 @@ import torch
 
 from cosytools.loading import CosyVoice3Model
 
-__all__ = ["Backend", "LLMSession"]
+__all__ = ["Backend", "LLMSession", "as_ids"]
+
+
+def as_ids(t: Any, device: torch.device) -> torch.Tensor:
+    """Token ids as a ``[1, N]`` long tensor on ``device`` (accepts ``[N]``, lists, int32)."""
+    t = torch.as_tensor(t)
+    if t.dim() == 1:
+        t = t[None]
+    return t.to(device=device, dtype=torch.long)
 
 
 class LLMSession(abc.ABC):
@@ -60,6 +68,29 @@ class Backend(abc.ABC):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def _need(self, comp: str) -> Any:
+        """The loaded module of ``comp`` (``llm``/``flow``/``hift``), or a clear error."""
+        from cosytools.errors import InputError
+
+        m = getattr(self.model, comp)
+        if m is None:
+            raise InputError(f"the {comp} stage was not loaded for this run")
+        return m
+
+    def _flow_inputs(self, token: Any, prompt_token: Any, prompt_feat: torch.Tensor,
+                     embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flow inputs on the backend's device/dtype: ids [1,T], [1,Tp], prompt_feat [1,2Tp,80], embedding [1,192]."""
+        d, dt = self.device, self.dtype
+        prompt_feat = prompt_feat.to(d, dt)
+        if prompt_feat.dim() == 2:
+            prompt_feat = prompt_feat[None]
+        return as_ids(token, d), as_ids(prompt_token, d), prompt_feat, embedding.to(d, dt).reshape(1, -1)
+
+    @staticmethod
+    def _lengths(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``[T]`` int32 length tensors of the given ``[1, T, …]`` tensors (upstream's *_len arguments)."""
+        return tuple(torch.tensor([t.shape[1]], dtype=torch.int32, device=t.device) for t in ts)
 
     def describe(self) -> Dict[str, Any]:
         """Settings worth printing next to results (backend name, device, dtype, options)."""

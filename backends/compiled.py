@@ -71,10 +71,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from cosytools.errors import ConfigError, InputError
+from cosytools.errors import ConfigError
 from cosytools.models.llm import TeacherForcedResult
 
-from .base import Backend, LLMSession
+from .base import Backend, LLMSession, as_ids
 from .compiled_flow import FlowRunner, HiftRunner
 from .compiled_llm import LLMRunner
 from .compiled_util import Compiler, Timer, as_tuple, parse_option_string, sync
@@ -93,12 +93,6 @@ OPTION_DEFAULTS: Dict[str, Any] = {
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
 
-
-def _ids(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.dim() == 1:
-        t = t[None]
-    return t.to(device=device, dtype=torch.long)
 
 
 class CompiledBackend(Backend):
@@ -144,12 +138,6 @@ class CompiledBackend(Backend):
         return d
 
     # -- parts (built on first use) -------------------------------------------------------
-    def _need(self, comp: str) -> Any:
-        m = getattr(self.model, comp)
-        if m is None:
-            raise InputError(f"the {comp} stage was not loaded for this run")
-        return m
-
     @property
     def llm_runner(self) -> LLMRunner:
         if self._llm is None:
@@ -179,7 +167,7 @@ class CompiledBackend(Backend):
                   prompt_speech_token: torch.Tensor) -> torch.Tensor:
         lm, d = self._need("llm"), self.device
         with torch.inference_mode():
-            return lm.build_lm_input(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d))
+            return lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
 
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
@@ -190,7 +178,7 @@ class CompiledBackend(Backend):
                      generator: Optional[torch.Generator] = None,
                      sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
         lm = self._need("llm")
-        text = _ids(text, self.device)
+        text = as_ids(text, self.device)
         lo, hi = lm.length_limits(text.shape[1])
         min_len = lo if min_len is None else int(min_len)
         max_len = hi if max_len is None else int(max_len)
@@ -211,7 +199,7 @@ class CompiledBackend(Backend):
         prompt_feat = prompt_feat.to(d, dt)
         if prompt_feat.dim() == 2:
             prompt_feat = prompt_feat[None]
-        return runner(_ids(token, d), _ids(prompt_token, d), prompt_feat, embedding.to(d, dt).reshape(1, -1),
+        return runner(as_ids(token, d), as_ids(prompt_token, d), prompt_feat, embedding.to(d, dt).reshape(1, -1),
                       streaming=streaming, finalize=finalize, noise=noise)
 
     def hift(self, mel: torch.Tensor, *, finalize: bool = True,

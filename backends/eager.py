@@ -5,21 +5,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from cosytools.errors import InputError
 from cosytools.models.llm import TeacherForcedResult
 from cosytools.models.qwen2 import KVCache
 from cosytools.taps import paused
 
-from .base import Backend, LLMSession
+from .base import Backend, LLMSession, as_ids
 
 __all__ = ["EagerBackend"]
 
-
-def _ids(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.dim() == 1:
-        t = t[None]
-    return t.to(device=device, dtype=torch.long)
 
 
 class _EagerSession(LLMSession):
@@ -50,19 +43,13 @@ class EagerBackend(Backend):
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
 
-    def _need(self, comp: str) -> Any:
-        m = getattr(self.model, comp)
-        if m is None:
-            raise InputError(f"the {comp} stage was not loaded for this run")
-        return m
-
     # -- LLM --------------------------------------------------------------------------------
     @torch.inference_mode()
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
         lm = self._need("llm")
         d = self.device
-        lm_input = lm.build_lm_input(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d))
+        lm_input = lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
         return _EagerSession(lm, lm_input, max_new_tokens)
 
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
@@ -71,7 +58,7 @@ class EagerBackend(Backend):
                      sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
         lm = self._need("llm")
         d = self.device
-        yield from lm.inference(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d),
+        yield from lm.inference(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d),
                                 min_len=min_len, max_len=max_len, generator=generator, sampled=sampled,
                                 strict_min_len=strict_min_len)
 
@@ -79,7 +66,7 @@ class EagerBackend(Backend):
                           forced_tokens: Sequence[int]) -> TeacherForcedResult:
         lm = self._need("llm")
         d = self.device
-        return lm.teacher_force(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d),
+        return lm.teacher_force(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d),
                                 [int(t) for t in forced_tokens])
 
     # -- flow / hift ----------------------------------------------------------------------
@@ -88,18 +75,13 @@ class EagerBackend(Backend):
              embedding: torch.Tensor, *, streaming: bool = False, finalize: bool = True,
              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         flow = self._need("flow")
-        d, dt = self.device, self.dtype
-        token, prompt_token = _ids(token, d), _ids(prompt_token, d)
-        prompt_feat = prompt_feat.to(d, dt)
-        if prompt_feat.dim() == 2:
-            prompt_feat = prompt_feat[None]
-        embedding = embedding.to(d, dt).reshape(1, -1)
-        n = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32, device=d)  # noqa: E731
-        mel, _ = flow.inference(token=token, token_len=n(token), prompt_token=prompt_token,
-                                prompt_token_len=n(prompt_token), prompt_feat=prompt_feat,
-                                prompt_feat_len=n(prompt_feat), embedding=embedding,
+        token, prompt_token, prompt_feat, embedding = self._flow_inputs(token, prompt_token, prompt_feat, embedding)
+        token_len, prompt_token_len, prompt_feat_len = self._lengths(token, prompt_token, prompt_feat)
+        mel, _ = flow.inference(token=token, token_len=token_len, prompt_token=prompt_token,
+                                prompt_token_len=prompt_token_len, prompt_feat=prompt_feat,
+                                prompt_feat_len=prompt_feat_len, embedding=embedding,
                                 streaming=streaming, finalize=finalize,
-                                noise=None if noise is None else noise.to(d))
+                                noise=None if noise is None else noise.to(self.device))
         return mel.float()
 
     @torch.inference_mode()

@@ -60,7 +60,7 @@ from cosytools.onnx_export import (DEFAULT_OPSET, EXPORT_FORMAT, MANIFEST, OnnxC
                                    hift_graph_inputs, read_manifest, write_manifest)
 from cosytools.taps import paused, tap
 
-from .base import Backend, LLMSession
+from .base import Backend, LLMSession, as_ids
 
 __all__ = ["OnnxBackend", "OrtSession", "UPSTREAM_ESTIMATOR"]
 
@@ -82,12 +82,6 @@ def _ort() -> Any:
                         "(or onnxruntime-gpu for the CUDA provider)") from None
     return onnxruntime
 
-
-def _ids(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.dim() == 1:
-        t = t[None]
-    return t.to(device=device, dtype=torch.long)
 
 
 def _file_opsets(path: Path) -> Dict[str, int]:
@@ -286,12 +280,6 @@ class OnnxBackend(Backend):
             d["estimator_file"] = str(self._files["flow.estimator"])
         return d
 
-    def _need(self, comp: str) -> Any:
-        m = getattr(self.model, comp)
-        if m is None:
-            raise InputError(f"the {comp} stage was not loaded for this run")
-        return m
-
     def _cache_dir(self, stage: str) -> Path:
         """Export cache folder of one stage: keyed by what the exported graph depends on."""
         from cosytools.loading import default_cache_dir
@@ -489,7 +477,7 @@ class OnnxBackend(Backend):
                     max_new_tokens: int) -> LLMSession:
         lm = self._need("llm")
         d = self.device
-        lm_input = lm.build_lm_input(_ids(text, d), _ids(prompt_text, d), _ids(prompt_speech_token, d))
+        lm_input = lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
         return _OrtLLMSession(self, lm_input)
 
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
@@ -499,7 +487,7 @@ class OnnxBackend(Backend):
         """As ``CosyVoice3LM.inference``: same length rules, sos masking (every stop id with
         ``strict_min_len``), RAS sampling and stop rule."""
         lm = self._need("llm")
-        text = _ids(text, self.device)
+        text = as_ids(text, self.device)
         lo, hi = lm.length_limits(text.shape[1])
         min_len = lo if min_len is None else min_len
         max_len = hi if max_len is None else max_len
@@ -554,14 +542,10 @@ class OnnxBackend(Backend):
              noise: Optional[torch.Tensor] = None, n_timesteps: int = 10) -> torch.Tensor:
         flow = self._need("flow")
         d, dt = self.device, self.dtype
-        token, prompt_token = _ids(token, d), _ids(prompt_token, d)
-        prompt_feat = prompt_feat.to(d, dt)
-        if prompt_feat.dim() == 2:
-            prompt_feat = prompt_feat[None]
-        embedding = embedding.to(d, dt).reshape(1, -1)
-        n = lambda x: torch.tensor([x.shape[1]], dtype=torch.int32, device=d)  # noqa: E731
+        token, prompt_token, prompt_feat, embedding = self._flow_inputs(token, prompt_token, prompt_feat, embedding)
+        token_len, prompt_token_len = self._lengths(token, prompt_token)
         mu, mask, spks, cond, mel_len1 = flow.prepare_decoder_inputs(
-            token, n(token), prompt_token, n(prompt_token), prompt_feat, embedding, finalize)
+            token, token_len, prompt_token, prompt_token_len, prompt_feat, embedding, finalize)
         dec = flow.decoder
         x = dec.initial_state(mu, None if noise is None else noise.to(d))
         t_seq, dt_seq = euler_schedule(dec.t_span(n_timesteps, device=d))
