@@ -64,7 +64,7 @@ inductor's code generation; Dynamo tracing and CUDA-graph capture are redone per
 from __future__ import annotations
 
 import collections
-
+import logging
 import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -92,6 +92,8 @@ OPTION_DEFAULTS: Dict[str, Any] = {
 }
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
+
+log = logging.getLogger(__name__)
 
 
 
@@ -207,7 +209,8 @@ class CompiledBackend(Backend):
         d = self.device
         if noise is not None:
             noise = {k: v.to(d) for k, v in noise.items()}
-        speech, source = self.hift_runner(mel.to(d, self.dtype), finalize=finalize, noise=noise)
+        # float32 mel into the float64 F0 predictor, as the eager backend
+        speech, source = self.hift_runner(mel.to(d, torch.float32), finalize=finalize, noise=noise)
         return speech.float(), source.float()
 
     # -- warm-up ---------------------------------------------------------------------------
@@ -238,6 +241,7 @@ class CompiledBackend(Backend):
         sync(self.device)
         out = dict(timer.seconds)
         out["total"] = time.perf_counter() - t0
+        log.info("compiled warm-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in out.items()))
         return out
 
     def _warm_llm(self, prompt_len: int, max_new_tokens: int) -> None:

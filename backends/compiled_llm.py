@@ -117,7 +117,7 @@ class StaticLM(nn.Module):
     """
 
     def __init__(self, lm: CosyVoice3LM, max_len: int, win_size: int = 10, top_p: float = 0.8,
-                 top_k: int = 25, tau_r: float = 0.1) -> None:
+                 top_k: int = 25, tau_r: float = 0.1, fuse: Optional[bool] = None) -> None:
         super().__init__()
         self.lm = lm
         cfg = lm.llm.config
@@ -140,6 +140,22 @@ class StaticLM(nn.Module):
                         ("hidden", torch.zeros(cfg.hidden_size, device=device, dtype=dtype))):
             self.register_buffer(name, t, persistent=False)
         self.owner: Optional[object] = None  # the session whose state the buffers hold
+        # decode-step projections fused per layer (q|k|v and gate|up: 4 matrix-vector products per
+        # layer instead of 7; at batch 1 each is latency-bound).  Copies of the weights, so only where
+        # it pays: on CUDA (+~0.5 GB in bf16 for the 0.5B model); elsewhere the module's own weights
+        # (``fuse``: None = on CUDA only, True/False to force)
+        self.fused = device.type == "cuda" if fuse is None else bool(fuse)
+        self.qkv_w: List[torch.Tensor] = []
+        self.qkv_b: List[Optional[torch.Tensor]] = []
+        self.gate_up_w: List[torch.Tensor] = []
+        if self.fused:
+            with torch.no_grad():
+                for layer in self.trunk.layers:
+                    a, m = layer.self_attn, layer.mlp
+                    self.qkv_w.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+                    bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+                    self.qkv_b.append(torch.cat(bs) if all(b is not None for b in bs) else None)
+                    self.gate_up_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
 
     _STATE = ("pos", "step_i", "min_len", "seed", "strict", "tok_in", "window", "logp", "hidden", "tokens")
 
@@ -169,6 +185,15 @@ class StaticLM(nn.Module):
         q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _qkv_fused(self, attn: nn.Module, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        nq, nkv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        q, k, v = F.linear(x, self.qkv_w[i], self.qkv_b[i]).split([nq, nkv, nkv], dim=-1)
+        q = q.reshape(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     @staticmethod
@@ -215,10 +240,14 @@ class StaticLM(nn.Module):
         k/v [1, KV, S, D], mask [1, 1, 1, S] (True = visible)."""
         b, h, _, d = q.shape
         kvh = k.shape[1]
-        qg = q.reshape(b, kvh, h // kvh, d).float()  # head i uses kv head i // (h // kvh), as repeat_interleave
-        scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        # head i uses kv head i // (h // kvh), as repeat_interleave does
+        qg = q.reshape(b, kvh, h // kvh, 1, d).float()
+        # products and sums instead of matmuls: at one query the two tiny batched GEMMs cost more
+        # than the work (measured on the H100: 17 us per layer in cuBLAS float32); inductor turns
+        # these into two fused reductions that read the cache once
+        scores = (qg * k.float().unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(d))  # [1, KV, rep, S]
         p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        out = torch.matmul(p, v.float()).to(q.dtype)  # [1, KV, rep, D]
+        out = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(q.dtype)  # [1, KV, rep, D]
         return attn.o_proj(out.reshape(b, 1, h * d))
 
     def _decode(self, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,13 +255,21 @@ class StaticLM(nn.Module):
         cos, sin = rope_cos_sin(pos, self.head_dim, self.theta, emb.dtype)
         mask = (torch.arange(self.S, device=pos.device) <= pos).view(1, 1, 1, self.S)
         h = emb
-        for layer, c in zip(self.trunk.layers, self.caches):
+        for i, (layer, c) in enumerate(zip(self.trunk.layers, self.caches)):
             a = layer.self_attn
-            q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
+            if self.fused:
+                q, k, v = self._qkv_fused(a, i, layer.input_layernorm(h), cos, sin)
+            else:
+                q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
             c.k.index_copy_(2, pos, k)
             c.v.index_copy_(2, pos, v)
             h = h + self._attend_one(a, q, c.k, c.v, mask)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            x = layer.post_attention_layernorm(h)
+            if self.fused:
+                gate, up = F.linear(x, self.gate_up_w[i]).chunk(2, dim=-1)
+                h = h + layer.mlp.down_proj(F.silu(gate) * up)
+            else:
+                h = h + layer.mlp(x)
         h = self.trunk.norm(h)
         last = h[:, -1]
         logp = self.lm.logp(last)[0]
@@ -241,14 +278,26 @@ class StaticLM(nn.Module):
         self.hidden.copy_(last[0])
         return logp, last[0]
 
-    def step_exact(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``tok_in`` at ``pos`` -> (logp [V], hidden [H]) of the next token."""
-        emb = self.lm.speech_embedding.weight.index_select(0, self.tok_in).view(1, 1, -1)
-        return self._decode(emb)
+    def embed(self, tok: torch.Tensor) -> torch.Tensor:
+        """Speech-token embedding of ``tok`` [1] -> [1, 1, H] (the decode step's input)."""
+        return self.lm.speech_embedding.weight.index_select(0, tok).view(1, 1, -1)
 
-    def step_device(self) -> torch.Tensor:
+    def step_exact(self, decode: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``tok_in`` at ``pos`` -> (logp [V], hidden [H]) of the next token.  ``decode``: the
+        (compiled) ``_decode`` to run, shared with :meth:`step_device` so that the 24-layer step is
+        compiled once."""
+        return (decode or self._decode)(self.embed(self.tok_in))
+
+    def step_device(self, decode: Optional[Callable] = None, sample: Optional[Callable] = None) -> torch.Tensor:
         """Sample token ``step_i`` from ``logp`` (RAS, min-length mask), record it in ``tokens`` and
         the repetition window, and run the decode step on it.  Returns the token [1]."""
+        tok = (sample or self.sample_device)()
+        (decode or self._decode)(self.embed(tok))
+        self.step_i.add_(1)
+        return tok
+
+    def sample_device(self) -> torch.Tensor:
+        """The sampling half of :meth:`step_device` (no decode, ``step_i`` unchanged)."""
         i = self.step_i
         V = self.logp.shape[0]
         ids = torch.arange(V, device=i.device)
@@ -260,9 +309,6 @@ class StaticLM(nn.Module):
         tok = ras_sample_device(logp, self.window, e1, e2, self.top_p, self.top_k, self.win_size, self.tau_r)
         self.tokens.index_copy_(0, i, tok)
         self.window.copy_(torch.cat([self.window[1:], tok]))
-        emb = self.lm.speech_embedding.weight.index_select(0, tok).view(1, 1, -1)
-        self._decode(emb)
-        self.step_i.add_(1)
         return tok
 
 
@@ -343,7 +389,12 @@ class LLMRunner:
                 st = StaticLM(self.lm, S)
             self.statics[S] = st
             c = self.compiler
-            self.fns[S] = {"prefill": c(st.prefill), "exact": c(st.step_exact), "device": c(st.step_device)}
+            # one compiled decode body serves both sampling modes (a second copy would double the
+            # compile time of the largest graph); the glue between the pieces is a few small ops,
+            # captured into the same CUDA graph on GPU
+            decode, sample = c(st._decode), c(st.sample_device)
+            self.fns[S] = {"prefill": c(st.prefill), "exact": lambda: st.step_exact(decode),
+                           "device": lambda: st.step_device(decode, sample)}
         return self.statics[S]
 
     def _graph(self, st: StaticLM, name: str, *args: torch.Tensor) -> GraphedCall:

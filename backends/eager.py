@@ -91,5 +91,7 @@ class EagerBackend(Backend):
         d = self.device
         if noise is not None:
             noise = {k: v.to(d) for k, v in noise.items()}
-        speech, source = hift.inference(mel.to(d, self.dtype), finalize=finalize, noise=noise)
+        # the mel stays float32: the float64 F0 predictor reads it at full precision (a half-precision
+        # mel moves f0, and the integrated source phase then drifts); decode casts to the conv dtype
+        speech, source = hift.inference(mel.to(d, torch.float32), finalize=finalize, noise=noise)
         return speech.float(), source.float()

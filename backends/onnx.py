@@ -575,7 +575,7 @@ class OnnxBackend(Backend):
         sess = self._session("hift")
         if noise is not None:
             noise = {k: v.to(d) for k, v in noise.items()}
-        mel_d, s = hift.source_excitation(mel.to(d, self.dtype), finalize=finalize, noise=noise)
+        mel_d, s = hift.source_excitation(mel.to(d, torch.float32), finalize=finalize, noise=noise)
         s_real, s_imag = hift._stft(s.squeeze(1).to(torch.float32))
         tap("s_stft_real", s_real)
         tap("s_stft_imag", s_imag)

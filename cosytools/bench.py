@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import click
@@ -168,6 +169,60 @@ def _one_run(backend: Any, inp: BenchInputs, seed: int, stream: bool) -> tuple[D
     return r, outputs
 
 
+def _kernel_summary(prof: Any, cuda: bool) -> Dict[str, Any]:
+    """Busy time of the device (sum of kernel times; CPU: self CPU time) and the top kernels."""
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                t = getattr(e, "device_time_total", None)
+                if t is None:
+                    t = e.cuda_time_total
+                rows.append((e.key, t, e.count))
+        else:
+            rows.append((e.key, e.self_cpu_time_total, e.count))
+    rows.sort(key=lambda r: -r[1])
+    busy_us = sum(r[1] for r in rows)
+    return {"busy_ms": busy_us / 1000.0, "kernels": len(rows), "launches": sum(r[2] for r in rows),
+            "top": [{"name": k[:120], "ms": t / 1000.0, "count": c} for k, t, c in rows[:15]]}
+
+
+def profile_run(backend: Any, inp: BenchInputs, seed: int, out_dir: Path) -> Dict[str, Any]:
+    """One run of each stage under ``torch.profiler`` (after the timed runs): per stage the wall
+    time under the profiler, the device busy time (sum of kernel times) and the top kernels,
+    plus the full ``key_averages`` table in ``out_dir/<backend>.<stage>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = backend.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer(backend.device)
+    state: Dict[str, Any] = {}
+    n = inp.speech_tokens
+
+    def llm() -> Any:
+        toks, _, _ = _generate(backend, inp, seed)
+        state["tokens"] = toks
+        return toks
+
+    def flow() -> Any:
+        state["mel"] = backend.flow(torch.tensor([state["tokens"]], dtype=torch.long), inp.prompt_speech_token,
+                                    inp.prompt_feat, inp.embedding, streaming=False, finalize=True)
+        return state["mel"]
+
+    summary: Dict[str, Any] = {}
+    for stage, fn in (("llm", llm), ("flow", flow), ("hift", lambda: backend.hift(state["mel"], finalize=True))):
+        with profile(activities=acts) as prof:
+            wall, _ = timer(fn)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=40, max_name_column_width=90)
+        (out_dir / f"{backend.name}.{stage}.txt").write_text(table)
+        summary[stage] = {"wall_ms_under_profiler": wall * 1000.0, **_kernel_summary(prof, cuda)}
+    summary["llm"]["tokens"] = n
+    summary["llm"]["busy_ms_per_token"] = summary["llm"]["busy_ms"] / max(n, 1)
+    return summary
+
+
 def _peak_memory(device: torch.device, stages: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     if device.type == "cuda":  # stages reset the peak counter: the run's peak is the largest stage peak
         peaks = [v["max"] for k, v in stages.items() if k.endswith("_peak_mem_mb")]
@@ -181,7 +236,8 @@ def _summary(values: List[float]) -> Dict[str, float]:
 
 
 def bench_backend(name: str, model: Any, inp: BenchInputs, warmup: int, repeat: int, seed: int, stream: bool,
-                  progress: Optional[Progress] = None, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                  progress: Optional[Progress] = None, options: Optional[Dict[str, Any]] = None,
+                  profile_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Warm up, then time ``repeat`` runs of every stage on one backend."""
     import backends
 
@@ -197,15 +253,21 @@ def bench_backend(name: str, model: Any, inp: BenchInputs, warmup: int, repeat: 
     warmup_s = time.perf_counter() - t0
     runs: List[Dict[str, float]] = []
     outputs: Dict[str, Any] = {}
+    log.info("bench %s: warm-up %.1f s", name, warmup_s)
     for _ in range(repeat):
         r, outputs = _one_run(backend, inp, seed, stream)
+        log.info("bench %s run: llm %.3f s, flow %.3f s, hift %.3f s", name, r["llm_total_s"], r["flow_s"],
+                 r["hift_s"])
         runs.append(r)
         if progress:
             progress.update()
     stages = {k: _summary([r[k] for r in runs]) for k in runs[0]}
-    return {"backend": name, "settings": backend.describe(),
-            "warmup_s": warmup_s, "warmup_parts": warm_parts if isinstance(warm_parts, dict) else None,
-            "stages": stages, **_peak_memory(backend.device, stages), "_outputs": outputs}
+    res = {"backend": name, "settings": backend.describe(),
+           "warmup_s": warmup_s, "warmup_parts": warm_parts if isinstance(warm_parts, dict) else None,
+           "stages": stages, **_peak_memory(backend.device, stages), "_outputs": outputs}
+    if profile_dir is not None:
+        res["profile"] = profile_run(backend, inp, seed, profile_dir)
+    return res
 
 
 def _parity(ref: Dict[str, Any], ours: Dict[str, Any], dtype: str) -> Dict[str, Any]:
@@ -225,7 +287,8 @@ def _parity(ref: Dict[str, Any], ours: Dict[str, Any], dtype: str) -> Dict[str, 
 def run_bench(backends_: List[str], model: str = "tiny", device: Optional[str] = None, dtype: Optional[str] = None,
               text_tokens: int = 60, speech_tokens: int = 250, prompt_seconds: float = 3.0, stream: bool = False,
               warmup: int = 1, repeat: int = 3, seed: int = 0, check_parity: bool = False, show_progress: bool = True,
-              options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              options: Optional[Dict[str, Any]] = None, profile_dir: Optional[Path] = None,
+              on_partial: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Benchmark every backend in ``backends_`` on the same inputs; returns the JSON document."""
     from .loading import load_model
 
@@ -237,7 +300,11 @@ def run_bench(backends_: List[str], model: str = "tiny", device: Optional[str] =
     with Progress("bench", total=len(backends_) * (warmup + repeat), unit="runs", enabled=show_progress) as bar:
         for name in backends_:
             bar.set_label(name)
-            results.append(bench_backend(name, m, inp, warmup, repeat, seed, stream, bar, options))
+            results.append(bench_backend(name, m, inp, warmup, repeat, seed, stream, bar, options, profile_dir))
+            log.info("bench %s: %s", name, ", ".join(f"{k} {v['median']:.4g}" for k, v in results[-1]["stages"].items()))
+            if on_partial is not None:  # a later backend that fails or hangs loses nothing measured so far
+                on_partial({"partial": True, "results": [{k: v for k, v in r.items() if k != "_outputs"}
+                                                         for r in results]})
     base = results[0]
     for r in results:
         # speed-up against the first backend: >1 means faster (rates are inverted accordingly)
@@ -310,6 +377,13 @@ def render_table(doc: Dict[str, Any]) -> str:
             parts = [f"{k} {'ok' if v.get('passed') else 'DIFF'} (max_abs {v.get('max_abs', 0):.2e})"
                      for k, v in p.items() if isinstance(v, dict)]
             lines.append(f"    parity vs {res[0]['backend']}: " + ", ".join(parts) + (f"; {p['note']}" if "note" in p else ""))
+        if "profile" in r:
+            for stage in ("llm", "flow", "hift"):
+                pr = r["profile"][stage]
+                top = pr["top"][0] if pr["top"] else {"name": "-", "ms": 0.0}
+                lines.append(f"    profile {stage}: wall {pr['wall_ms_under_profiler']:.1f} ms (profiled), busy "
+                             f"{pr['busy_ms']:.1f} ms in {pr['launches']} launches; top {top['name'][:60]} "
+                             f"{top['ms']:.1f} ms")
     return "\n".join(lines)
 
 
@@ -339,6 +413,18 @@ def plot_bench(doc: Dict[str, Any], out: str) -> str:
     return out
 
 
+def _partial_writer(json_out: Optional[str]) -> Optional[Callable[[Dict[str, Any]], None]]:
+    """Write each backend's results to ``json_out`` as soon as they exist (replaced by the full
+    document at the end)."""
+    if not json_out or json_out == "-":
+        return None
+
+    def write(doc: Dict[str, Any]) -> None:
+        with open(json_out, "w") as f:
+            json.dump(doc, f, indent=2)
+    return write
+
+
 @click.command("bench")
 @click.option("--backend", "backends_", multiple=True, default=("eager",), show_default=True,
               help="Backend to time; repeat to compare (ratios are against the first).")
@@ -357,9 +443,13 @@ def plot_bench(doc: Dict[str, Any], out: str) -> str:
               help="Write the results as JSON to this file ('-' for stdout).")
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Stacked bar chart per backend (PNG).")
 @click.option("--option", "opts", multiple=True, help="Backend option KEY=VALUE (e.g. mode=reduce-overhead).")
+@click.option("--profile", "profile_dir", default=None, type=click.Path(file_okay=False),
+              help="After the timed runs, profile one more run per stage with torch.profiler: tables in "
+                   "this folder, device busy time and top kernels in the JSON ('profile').")
 def bench_cmd(backends_: tuple, model: str, device: Optional[str], dtype: Optional[str], text_tokens: int,
               speech_tokens: int, prompt_seconds: float, stream: bool, warmup: int, repeat: int, seed: int,
-              check_parity: bool, json_out: Optional[str], plot: Optional[str], opts: tuple) -> None:
+              check_parity: bool, json_out: Optional[str], plot: Optional[str], opts: tuple,
+              profile_dir: Optional[str]) -> None:
     """Time every stage of one or more backends on the same seeded inputs.
 
     \b
@@ -372,7 +462,9 @@ def bench_cmd(backends_: tuple, model: str, device: Optional[str], dtype: Option
         k, _, v = o.partition("=")
         options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
     doc = run_bench(list(backends_), model, device, dtype, text_tokens, speech_tokens, prompt_seconds, stream,
-                    warmup, repeat, seed, check_parity, options=options)
+                    warmup, repeat, seed, check_parity, options=options,
+                    profile_dir=Path(profile_dir) if profile_dir else None,
+                    on_partial=_partial_writer(json_out))
     if json_out == "-":
         click.echo(json.dumps(doc, indent=2))
     else:

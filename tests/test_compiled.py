@@ -128,6 +128,34 @@ def test_prefill_padding_leaves_logits_unchanged(llm_model, fixtures):
             torch.testing.assert_close(b, a, atol=1e-6 * float(a.abs().max()), rtol=0)
 
 
+def test_fused_projection_decode_equals_module_weights(llm_model, fixtures):
+    """The decode step with the CUDA layout (q|k|v and gate|up fused into one matrix each) gives
+    the logits of the module's own projections, and samples the same device-sampling tokens."""
+    from backends.compiled_llm import StaticLM
+
+    d = _dump(fixtures, "llm_teacher")
+    be = backends.create("compiled", llm_model, capture=False, compile_backend="none", prefill_buckets=(64,))
+    lm_input = be._lm_input(*_llm_args(d))
+    forced = d.inputs["forced_tokens"].reshape(-1).tolist()[:6]
+    rows = {}
+    with torch.inference_mode():
+        for fuse in (False, True):
+            st = StaticLM(be.llm_runner.lm, 256, fuse=fuse)
+            assert st.fused is fuse and len(st.qkv_w) == (len(st.trunk.layers) if fuse else 0)
+            emb = F.pad(lm_input, (0, 0, 0, 64 - lm_input.shape[1]))
+            out = [st.prefill(emb, torch.tensor([lm_input.shape[1] - 1]))[0].clone()]
+            for t in forced:
+                st.tok_in.fill_(t)
+                out.append(st.step_exact()[0].clone())
+            st.seed.fill_(7)
+            st.min_len.fill_(0)
+            toks = [int(st.step_device()) for _ in range(8)]
+            rows[fuse] = (out, toks)
+    for a, b in zip(rows[False][0], rows[True][0]):
+        torch.testing.assert_close(b, a, atol=1e-6 * float(a.abs().max()), rtol=0)
+    assert rows[False][1] == rows[True][1]
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_dit_padding_keeps_valid_frames(t2w_model, streaming):
     """The DiT on a right-padded bucket (zero frames, zero frame mask) reproduces the unpadded

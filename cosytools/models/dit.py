@@ -287,9 +287,12 @@ class Attention(nn.Module):
         q = q.view(b, -1, self.heads, self.dim_head).transpose(1, 2)
         k = k.view(b, -1, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(b, -1, self.heads, self.dim_head).transpose(1, 2)
-        # scores and softmax in float32: in fp16 they overflow to NaN (as upstream's do)
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                             dropout_p=0.0, is_causal=False)
+        if q.dtype != torch.bfloat16:
+            # scores and softmax in float32: in fp16 they overflow to NaN (as upstream's do)
+            q, k, v = q.float(), k.float(), v.float()
+        # bf16 (float32's exponent range: no overflow) goes to the fused kernels as it is; they
+        # accumulate the scores and run the softmax in float32 internally
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         out = out.to(x.dtype).transpose(1, 2).reshape(b, -1, self.inner_dim)
         out = self.to_out[1](self.to_out[0](out))
         if mask is not None:
