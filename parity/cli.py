@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from .dump import STAGES, Dump, DumpError, list_dumps, read_dump
-from .metrics import Tolerance, default_tolerance
+from .metrics import Tolerance, default_tolerance, ungated_tensors
 from .report import ParityReport, build_report, diff_dumps, plot_report, render_summary, render_table
 from .runners import STAGE_COMPONENTS, run_dump
 
@@ -66,7 +66,7 @@ def run_parity(dump: Dump, models: _Models, atol: Optional[float] = None, rtol: 
         settings["llm_weights"] = files["llm"]
     if gtype:
         settings["gguf_type"] = gtype
-    return build_report(dump, run, tol, settings), run
+    return build_report(dump, run, tol, settings, ungated=ungated_tensors(dtype)), run
 
 
 def _gguf_drift(rep: ParityReport) -> Optional[Dict[str, Any]]:

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["Tolerance", "TensorReport", "compare_tensor", "default_tolerance", "DEFAULT_TOLERANCES"]
+__all__ = ["Tolerance", "TensorReport", "compare_tensor", "default_tolerance", "DEFAULT_TOLERANCES",
+           "ungated_tensors"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,27 @@ DEFAULT_TOLERANCES: Dict[str, Dict[str, Tolerance]] = {
                 "e2e": Tolerance(1e-2, 1e-3), "mel": Tolerance(2e-5, 1e-4), "tokenizer": Tolerance(0, 0),
                 "*": Tolerance(2e-5, 1e-4)},
     "bfloat16": {"llm": Tolerance(5e-2, 5e-2), "flow": Tolerance(5e-2, 5e-2), "hift": Tolerance(5e-2, 5e-2),
-                 "e2e": Tolerance(1e-1, 1e-1), "*": Tolerance(5e-2, 5e-2)},
+                 "e2e": Tolerance(5e-2, 5e-2), "*": Tolerance(5e-2, 5e-2)},
     "float16": {"llm": Tolerance(1e-2, 1e-2), "flow": Tolerance(2e-2, 2e-2), "hift": Tolerance(2e-2, 2e-2),
                 "e2e": Tolerance(5e-2, 5e-2), "*": Tolerance(2e-2, 2e-2)},
 }
+
+
+# Tensors that a half-precision run cannot match sample by sample against a float32 reference,
+# whatever the tolerance: reported, not gated (each stage stays gated by another tensor).
+HALF_PRECISION_UNGATED: Dict[str, str] = {
+    "llm.tap.sampled": "a draw depends on the exact logits; in half precision the LLM is gated by the "
+                       "teacher-forced log-probs (llm_teacher)",
+    "llm.out.tokens": "a draw depends on the exact logits; in half precision the LLM is gated by the "
+                      "teacher-forced log-probs (llm_teacher)",
+    "e2e.out.speech": "the vocoder integrates F0 into the source phase, so a half-precision mel (~1e-2) "
+                      "drifts the waveform's phase; e2e is gated by its mel, HiFT by its own dumps",
+}
+
+
+def ungated_tensors(dtype: str) -> Dict[str, str]:
+    """name -> reason for the tensors reported but not gated at ``dtype`` (none in float32)."""
+    return {} if dtype.replace("torch.", "") == "float32" else dict(HALF_PRECISION_UNGATED)
 
 
 def default_tolerance(stage: str, dtype: str = "float32") -> Tolerance:
@@ -64,11 +82,12 @@ class TensorReport:
     top1_agreement: Optional[float] = None
     nonfinite: int = 0                # NaN/Inf elements in ours where the reference is finite
     note: str = ""
+    gated: bool = True                # False: reported, not part of the pass/fail decision
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None and v != {} and v != ""}
+        return {k: v for k, v in d.items() if v is not None and v != {} and v != "" and not (k == "gated" and v)}
 
 
 def _index(flat_idx: int, shape: torch.Size) -> list:

@@ -27,17 +27,29 @@ class ParityReport:
     first_nan: Optional[str] = None
 
     @property
+    def gated(self) -> List[TensorReport]:
+        """The tensors that decide pass/fail (see ``metrics.ungated_tensors``)."""
+        return [t for t in self.tensors if t.gated]
+
+    @property
+    def informational(self) -> bool:
+        """Tensors were compared, none of them gated (e.g. sampled tokens in bf16): neither pass nor fail."""
+        return bool(self.tensors) and not self.gated and self.first_nan is None
+
+    @property
     def passed(self) -> bool:
-        return bool(self.tensors) and all(t.passed for t in self.tensors) and self.first_nan is None
+        """Every gated tensor within tolerance and no NaN; an informational report counts as passed."""
+        return bool(self.tensors) and all(t.passed for t in self.gated) and self.first_nan is None
 
     @property
     def first_divergence(self) -> Optional[TensorReport]:
-        return next((t for t in self.tensors if not t.passed), None)
+        return next((t for t in self.gated if not t.passed), None)
 
     def to_dict(self) -> Dict[str, Any]:
         fd = self.first_divergence
         return {
             "passed": self.passed,
+            "informational": self.informational,
             "stage": self.stage,
             "ref": self.ref,
             "layout": self.layout,
@@ -47,7 +59,8 @@ class ParityReport:
             "first_divergence": None if fd is None else fd.name,
             "first_nan": self.first_nan,
             "compared": len(self.tensors),
-            "failed": sum(not t.passed for t in self.tensors),
+            "failed": sum(not t.passed for t in self.gated),
+            "ungated": [t.name for t in self.tensors if not t.gated],
             "tensors": [t.to_dict() for t in self.tensors],
             "not_produced": self.not_produced,
             "notes": self.notes,
@@ -58,8 +71,10 @@ def _is_logits(name: str) -> bool:
     return name.endswith(".logp") or name.endswith(".logits")
 
 
-def build_report(dump: Dump, run: StageRun, tol: Tolerance, settings: Optional[Dict[str, Any]] = None) -> ParityReport:
-    """Compare every ``out`` and ``tap`` tensor present in both, in our execution order."""
+def build_report(dump: Dump, run: StageRun, tol: Tolerance, settings: Optional[Dict[str, Any]] = None,
+                 ungated: Optional[Dict[str, str]] = None) -> ParityReport:
+    """Compare every ``out`` and ``tap`` tensor present in both, in our execution order.
+    ``ungated``: name -> reason for tensors that are reported but do not decide pass/fail."""
     rep = ParityReport(dump.stage, str(dump.path or "<dump>"), dump.layout, tol, settings=dict(settings or {}),
                        notes=list(run.notes))
     ref = {k: v for k, v in dump.tensors.items() if k.startswith(f"{dump.stage}.out.") or
@@ -70,7 +85,11 @@ def build_report(dump: Dump, run: StageRun, tol: Tolerance, settings: Optional[D
             if not (key in ref and not bool(torch.isfinite(ref[key]).all())):
                 rep.first_nan = key
         if key in ref:
-            rep.tensors.append(compare_tensor(key, ref[key], ours, tol, logits=_is_logits(key)))
+            t = compare_tensor(key, ref[key], ours, tol, logits=_is_logits(key))
+            if ungated and key in ungated:
+                t.gated = False
+                t.note = f"not gated: {ungated[key]}" + (f"; {t.note}" if t.note else "")
+            rep.tensors.append(t)
     for name, (r, o) in run.strings.items():
         t = TensorReport(name, [len(r)], "str", passed=(r == o))
         if r != o:
@@ -123,14 +142,14 @@ def render_table(rep: ParityReport, verbose: bool = True) -> str:
             continue
         cos = "-" if t.cosine is None else f"{t.cosine:.7f}"
         snr = "inf" if (t.snr_db is None and t.passed and t.max_abs == 0) else _fmt(t.snr_db, ".1f")
-        res = "ok" if t.passed else "FAIL"
+        res = "ok" if t.passed else "FAIL" if t.gated else "differs (not gated)"
         if t is fd:
             res += "  <- first divergence"
         name = t.name.split(".", 1)[1] if t.name.count(".") >= 2 else t.name
         lines.append(f"  {name:<34} {str(t.shape):<16} {_fmt(t.max_abs):>9} {_fmt(t.max_rel):>9} {cos:>10} {snr:>7}  {res}")
         if t.top1_agreement is not None:
             lines.append(f"  {'':<34} top-1 agreement {t.top1_agreement:.3f}")
-        if t.note and not t.passed:
+        if t.note and (not t.passed or not t.gated):
             lines.append(f"  {'':<34} {t.note}")
     if rep.not_produced:
         lines.append(f"  not produced by this backend ({len(rep.not_produced)}): "
@@ -138,13 +157,17 @@ def render_table(rep: ParityReport, verbose: bool = True) -> str:
                      + (" …" if len(rep.not_produced) > 10 else ""))
     for n in rep.notes:
         lines.append(f"  note: {n}")
-    n_fail = sum(not t.passed for t in rep.tensors)
-    if rep.passed:
-        lines.append(f"  PASS: {len(rep.tensors)} tensors within tolerance")
+    n_fail = sum(not t.passed for t in rep.gated)
+    if rep.informational:
+        lines.append(f"  INFO: {len(rep.tensors)} tensors compared, none gated at this dtype")
+    elif rep.passed:
+        n_ung = len(rep.tensors) - len(rep.gated)
+        lines.append(f"  PASS: {len(rep.gated)} tensors within tolerance"
+                     + (f" ({n_ung} more reported, not gated)" if n_ung else ""))
     else:
         what = f"first divergence: {fd.name}" if fd is not None else (
             f"NaN in {rep.first_nan}" if rep.first_nan else "nothing compared")
-        lines.append(f"  FAIL: {n_fail}/{len(rep.tensors)} tensors out of tolerance; {what}")
+        lines.append(f"  FAIL: {n_fail}/{len(rep.gated)} gated tensors out of tolerance; {what}")
     return "\n".join(lines)
 
 
@@ -155,10 +178,17 @@ def render_summary(reports: List[ParityReport]) -> str:
         worst = max((t.max_rel for t in r.tensors if t.max_rel is not None), default=None)
         fd = r.first_divergence
         res = "PASS" if r.passed else f"FAIL (first: {fd.name if fd else r.first_nan or 'nothing compared'})"
+        n_ung = len(r.tensors) - len(r.gated)
+        if r.informational:
+            res = "INFO (not gated at this dtype)"
+        elif r.passed and n_ung:
+            res += f" ({n_ung} not gated)"
         name = r.ref.rsplit("/", 1)[-1]
         lines.append(f"  {name:<28} {r.stage:<9} {len(r.tensors):>7} {_fmt(worst):>13}  {res}")
-    n_ok = sum(r.passed for r in reports)
-    lines.append(f"{n_ok} passed, {len(reports) - n_ok} failed")
+    n_info = sum(r.informational for r in reports)
+    n_ok = sum(r.passed for r in reports) - n_info
+    lines.append(f"{n_ok} passed, {len(reports) - n_ok - n_info} failed"
+                 + (f", {n_info} informational" if n_info else ""))
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cosytools.errors import InputError
+from cosytools.loading import load_model
 from cosytools.models.f0_predictor import CausalConvRNNF0Predictor
 from cosytools.models.hift import (
     NOISE_TABLE_SAMPLES,
@@ -334,3 +335,14 @@ def test_cpu_cumsum_accumulates_in_float64():
     # every device; pin the assumption that this is what the CPU kernel does
     x = torch.rand(1, 5000, 9, generator=torch.Generator().manual_seed(0)) * 0.11
     assert torch.equal(torch.cumsum(x, dim=1), torch.cumsum(x, dim=1, dtype=torch.float64).float())
+
+
+def test_hift_stays_float32_under_a_half_model(fixture_model_dir):
+    """``dtype`` applies to the LLM and flow; HiFT keeps float32 unless ``hift_dtype`` says otherwise
+    (F0 predictor float64 either way)."""
+    m = load_model(fixture_model_dir, components=("flow", "hift"), dtype="bf16")
+    assert m.flow.spk_embed_affine_layer.weight.dtype == torch.bfloat16
+    assert m.hift.dtype == torch.float32
+    m16 = load_model(fixture_model_dir, components=("hift",), dtype="bf16", hift_dtype="bf16")
+    assert m16.hift.dtype == torch.bfloat16
+    assert next(m16.hift.f0_predictor.parameters()).dtype == torch.float64
