@@ -47,6 +47,11 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
 ``flow_dynamic``       compile the flow step once with a symbolic length instead of once per
                        bucket (default False); padding and per-bucket graphs stay.  Cuts the
                        first-use compile time of streaming (many buckets) at some kernel speed.
+``regional``           compile one decoder layer (LLM prefill and decode) and one DiT block, each
+                       reused by all 24 / 22 of them, instead of whole steps (default False).
+                       Cuts compile time roughly by the layer count; loses fusion across layer
+                       boundaries and leaves the glue between layers uncompiled (inside the CUDA
+                       graph on GPU).
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
 
@@ -89,6 +94,7 @@ OPTION_DEFAULTS: Dict[str, Any] = {
     "mode": "default", "compile_backend": "inductor", "cuda_graphs": None, "exact_sampling": None,
     "stop_check_every": 16, "async_stop": None, "tf32": False, "prefill_buckets": DEFAULT_PREFILL_BUCKETS,
     "flow_buckets": DEFAULT_FLOW_BUCKETS, "flow_dynamic": False, "compile_f0": True, "hift_graph_after": 2,
+    "regional": False,
 }
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
@@ -146,14 +152,16 @@ class CompiledBackend(Backend):
             o = self.opts
             self._llm = LLMRunner(self._need("llm"), self.compiler, prefill_buckets=o["prefill_buckets"],
                                   cuda_graphs=o["cuda_graphs"], exact_sampling=o["exact_sampling"],
-                                  stop_check_every=o["stop_check_every"], async_stop=o["async_stop"])
+                                  stop_check_every=o["stop_check_every"], async_stop=o["async_stop"],
+                                  regional=bool(o["regional"]))
         return self._llm
 
     @property
     def flow_runner(self) -> FlowRunner:
         if self._flow is None:
             self._flow = FlowRunner(self._need("flow"), self.compiler, buckets=self.opts["flow_buckets"],
-                                    cuda_graphs=self.opts["cuda_graphs"], dynamic=bool(self.opts["flow_dynamic"]))
+                                    cuda_graphs=self.opts["cuda_graphs"], dynamic=bool(self.opts["flow_dynamic"]),
+                                    regional=bool(self.opts["regional"]))
         return self._flow
 
     @property

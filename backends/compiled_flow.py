@@ -39,11 +39,16 @@ __all__ = ["FlowRunner", "HiftRunner"]
 log = logging.getLogger(__name__)
 
 
+def _run_block(block: torch.nn.Module, h: Tensor, temb: Tensor, mask: Tensor, rope: Tensor) -> Tensor:
+    """One DiT block (the block is an input: compiled once, it serves every block)."""
+    return block(h, temb, mask=mask, rope=rope)
+
+
 class FlowRunner:
     """Bucketed, compiled (and on CUDA graphed) flow-matching decoder of a ``CausalMaskedDiffWithDiT``."""
 
     def __init__(self, flow: torch.nn.Module, compiler: Compiler, *, buckets: Sequence[int], cuda_graphs: bool,
-                 n_timesteps: int = 10, dynamic: bool = False) -> None:
+                 n_timesteps: int = 10, dynamic: bool = False, regional: bool = False) -> None:
         self.flow = flow
         self.cfm = flow.decoder
         self.est = self.cfm.estimator
@@ -61,7 +66,12 @@ class FlowRunner:
         self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
         # dynamic: one compiled step for every bucket (the length axis symbolic), graphs still per bucket
         self.dynamic = dynamic and compiler.backend != "none"
-        self._step = compiler(self.euler_step, dynamic=None if self.dynamic else False)
+        # regional: one compiled DiT block for the 22 blocks, the rest of the step uncompiled (on
+        # CUDA it is inside the same captured graph anyway); else the whole Euler step compiled
+        self.regional = regional and compiler.backend != "none"
+        dyn = None if self.dynamic else False
+        self._block = compiler(_run_block, dynamic=dyn) if self.regional else None
+        self._step = self.euler_step if self.regional else compiler(self.euler_step, dynamic=dyn)
         self.graphs = GraphCache(max_size=32, after=1)
 
     def bucket_len(self, length: int) -> int:
@@ -74,7 +84,7 @@ class FlowRunner:
         dtype = mu_in.dtype
         x_in = torch.cat([x, x], dim=0).to(dtype)
         t_in = t.expand(2).to(dtype)
-        out = self.est(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming).float()
+        out = self.est(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, block_fn=self._block).float()
         v_cond, v_uncond = out[:1], out[1:]
         dphi = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
         return x + dt * dphi

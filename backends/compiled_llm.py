@@ -40,7 +40,8 @@ from cosytools.taps import paused, tap
 from .base import LLMSession
 from .compiled_util import Compiler, GraphCache, GraphedCall, bucket, pow2_bucket
 
-__all__ = ["StaticLM", "LLMRunner", "ras_sample_device", "hash_exponential", "consume_blocks"]
+__all__ = ["StaticLM", "LLMRunner", "ras_sample_device", "hash_exponential", "consume_blocks",
+           "decode_layer", "prefill_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,97 @@ def ras_sample_device(logp: torch.Tensor, window: torch.Tensor, e1: torch.Tensor
 # ----------------------------------------------------------------------------- static model
 
 class _LayerCache(nn.Module):
-    def __init__(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+    """One layer's static K/V cache and, where the projections are fused (see :class:`StaticLM`),
+    its q|k|v and gate|up weight copies — as buffers, so that a compiled per-layer function sees
+    them as inputs and serves every layer with one compiled graph."""
+
+    def __init__(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                 layer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.fused = layer is not None
+        if layer is not None:
+            a, m = layer.self_attn, layer.mlp
+            with torch.no_grad():
+                self.register_buffer("qkv_w", torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                                     persistent=False)
+                self.register_buffer("qkv_b", torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                                     persistent=False)
+                self.register_buffer("gate_up_w", torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                                     persistent=False)
+
+
+def _heads(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.reshape(b, t, n, d).transpose(1, 2)
+
+
+def layer_qkv(layer: nn.Module, c: _LayerCache, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Normed input x [1, T, H] -> rotated q [1, heads, T, D], rotated k and v [1, kv, T, D]."""
+    a = layer.self_attn
+    nq, nkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    if c.fused:
+        q, k, v = F.linear(x, c.qkv_w, c.qkv_b).split([nq, nkv, nkv], dim=-1)
+    else:
+        q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+    q, k, v = _heads(q, a.num_heads, a.head_dim), _heads(k, a.num_kv_heads, a.head_dim), \
+        _heads(v, a.num_kv_heads, a.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def layer_mlp(layer: nn.Module, c: _LayerCache, x: torch.Tensor) -> torch.Tensor:
+    if c.fused:
+        gate, up = F.linear(x, c.gate_up_w).chunk(2, dim=-1)
+        return layer.mlp.down_proj(F.silu(gate) * up)
+    return layer.mlp(x)
+
+
+def attend_one(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query position over the whole static cache, grouped-query without
+    repeating K/V (the ``repeat_interleave`` of the prefill would copy the cache 7 times per
+    layer and step); scores, softmax and weighted sum in float32.  q [1, H, 1, D],
+    k/v [1, KV, S, D], mask [1, 1, 1, S] (True = visible)."""
+    b, h, _, d = q.shape
+    kvh = k.shape[1]
+    # head i uses kv head i // (h // kvh), as repeat_interleave does
+    qg = q.reshape(b, kvh, h // kvh, 1, d).float()
+    # products and sums instead of matmuls: at one query the two tiny batched GEMMs cost more
+    # than the work (measured on the H100: 17 us per layer in cuBLAS float32); inductor turns
+    # these into two fused reductions that read the cache once
+    scores = (qg * k.float().unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(d))  # [1, KV, rep, S]
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    out = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(q.dtype)  # [1, KV, rep, D]
+    return attn.o_proj(out.reshape(b, 1, h * d))
+
+
+def decode_layer(layer: nn.Module, c: _LayerCache, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer at one position: writes K/V at ``pos`` into the cache, returns the new h.
+    The same code for all layers (the layer's modules and buffers are its inputs), so compiled on
+    its own it is one graph for the 24 layers (``regional`` compilation)."""
+    q, k, v = layer_qkv(layer, c, layer.input_layernorm(h), cos, sin)
+    c.k.index_copy_(2, pos, k)
+    c.v.index_copy_(2, pos, v)
+    h = h + attend_one(layer.self_attn, q, c.k, c.v, mask)
+    return h + layer_mlp(layer, c, layer.post_attention_layernorm(h))
+
+
+def prefill_layer(layer: nn.Module, c: _LayerCache, h: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """One decoder layer over a (padded) prompt with causal attention; fills cache positions [0, T)."""
+    a = layer.self_attn
+    t = h.shape[1]
+    q, k, v = layer_qkv(layer, c, layer.input_layernorm(h), cos, sin)
+    c.k[:, :, :t] = k
+    c.v[:, :, :t] = v
+    rep = a.num_heads // a.num_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    h = h + a.o_proj(out.transpose(1, 2).reshape(1, t, a.num_heads * a.head_dim))
+    return h + layer_mlp(layer, c, layer.post_attention_layernorm(h))
 
 
 class StaticLM(nn.Module):
@@ -128,7 +216,16 @@ class StaticLM(nn.Module):
         self.sos = lm.speech_token_size
         self.top_p, self.top_k, self.win_size, self.tau_r = top_p, top_k, win_size, tau_r
         shape = (1, cfg.num_key_value_heads, self.S, cfg.head_dim)
-        self.caches = nn.ModuleList(_LayerCache(shape, device, dtype) for _ in range(cfg.num_hidden_layers))
+        # decode-step projections fused per layer (q|k|v and gate|up: 4 matrix-vector products per
+        # layer instead of 7; at batch 1 each is latency-bound).  Copies of the weights, so only where
+        # it pays: on CUDA (+~0.5 GB in bf16 for the 0.5B model); elsewhere the module's own weights
+        # (``fuse``: None = on CUDA only, True/False to force)
+        self.fused = device.type == "cuda" if fuse is None else bool(fuse)
+        has_bias = all(getattr(lm.llm.model.model.layers[0].self_attn, n).bias is not None
+                       for n in ("q_proj", "k_proj", "v_proj"))
+        self.fused = self.fused and has_bias  # Qwen2 always has q/k/v biases
+        self.caches = nn.ModuleList(_LayerCache(shape, device, dtype, layer if self.fused else None)
+                                    for layer in lm.llm.model.model.layers)
         V = lm.llm_decoder.out_features
         long = dict(device=device, dtype=torch.long)
         for name, t in (("pos", torch.zeros(1, **long)), ("step_i", torch.zeros(1, **long)),
@@ -140,22 +237,6 @@ class StaticLM(nn.Module):
                         ("hidden", torch.zeros(cfg.hidden_size, device=device, dtype=dtype))):
             self.register_buffer(name, t, persistent=False)
         self.owner: Optional[object] = None  # the session whose state the buffers hold
-        # decode-step projections fused per layer (q|k|v and gate|up: 4 matrix-vector products per
-        # layer instead of 7; at batch 1 each is latency-bound).  Copies of the weights, so only where
-        # it pays: on CUDA (+~0.5 GB in bf16 for the 0.5B model); elsewhere the module's own weights
-        # (``fuse``: None = on CUDA only, True/False to force)
-        self.fused = device.type == "cuda" if fuse is None else bool(fuse)
-        self.qkv_w: List[torch.Tensor] = []
-        self.qkv_b: List[Optional[torch.Tensor]] = []
-        self.gate_up_w: List[torch.Tensor] = []
-        if self.fused:
-            with torch.no_grad():
-                for layer in self.trunk.layers:
-                    a, m = layer.self_attn, layer.mlp
-                    self.qkv_w.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-                    bs = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-                    self.qkv_b.append(torch.cat(bs) if all(b is not None for b in bs) else None)
-                    self.gate_up_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
 
     _STATE = ("pos", "step_i", "min_len", "seed", "strict", "tok_in", "window", "logp", "hidden", "tokens")
 
@@ -180,49 +261,20 @@ class StaticLM(nn.Module):
     def trunk(self) -> nn.Module:
         return self.lm.llm.model.model
 
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def _qkv_fused(self, attn: nn.Module, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        b, t, _ = x.shape
-        nq, nkv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        q, k, v = F.linear(x, self.qkv_w[i], self.qkv_b[i]).split([nq, nkv, nkv], dim=-1)
-        q = q.reshape(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = k.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = v.reshape(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    @staticmethod
-    def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        rep = attn.num_heads // attn.num_kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        b, _, t, _ = q.shape
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
-
     # -- compiled entry points ---------------------------------------------------------------
-    def prefill(self, emb: torch.Tensor, last: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def prefill(self, emb: torch.Tensor, last: torch.Tensor,
+                layer_fn: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """emb [1, Tb, H] (right-padded prompt), last [1] = true length - 1 -> (logp [V], hidden [H],
         final hidden states [1, Tb, H]); fills cache positions [0, Tb) and sets ``pos`` = last + 1.
         Causal attention makes the padding invisible to the valid positions; the padded cache
-        entries lie beyond ``pos`` and are overwritten by the decode steps before anything reads them."""
+        entries lie beyond ``pos`` and are overwritten by the decode steps before anything reads them.
+        ``layer_fn``: a compiled :func:`prefill_layer` (regional compilation), else the plain one."""
+        layer_fn = layer_fn or prefill_layer
         t = emb.shape[1]
         cos, sin = rope_cos_sin(torch.arange(t, device=emb.device), self.head_dim, self.theta, emb.dtype)
         h = emb
         for layer, c in zip(self.trunk.layers, self.caches):
-            a = layer.self_attn
-            q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
-            c.k[:, :, :t] = k
-            c.v[:, :, :t] = v
-            h = h + self._attend(a, q, k, v, None)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = layer_fn(layer, c, h, cos, sin)
         h = self.trunk.norm(h)
         last_h = h.index_select(1, last)[:, 0]
         logp = self.lm.logp(last_h)[0]
@@ -231,45 +283,16 @@ class StaticLM(nn.Module):
         self.pos.copy_(last + 1)
         return logp, last_h[0], h
 
-    @staticmethod
-    def _attend_one(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    mask: torch.Tensor) -> torch.Tensor:
-        """Attention of one query position over the whole static cache, grouped-query without
-        repeating K/V (the ``repeat_interleave`` of the prefill would copy the cache 7 times per
-        layer and step); scores, softmax and weighted sum in float32.  q [1, H, 1, D],
-        k/v [1, KV, S, D], mask [1, 1, 1, S] (True = visible)."""
-        b, h, _, d = q.shape
-        kvh = k.shape[1]
-        # head i uses kv head i // (h // kvh), as repeat_interleave does
-        qg = q.reshape(b, kvh, h // kvh, 1, d).float()
-        # products and sums instead of matmuls: at one query the two tiny batched GEMMs cost more
-        # than the work (measured on the H100: 17 us per layer in cuBLAS float32); inductor turns
-        # these into two fused reductions that read the cache once
-        scores = (qg * k.float().unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(d))  # [1, KV, rep, S]
-        p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        out = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(q.dtype)  # [1, KV, rep, D]
-        return attn.o_proj(out.reshape(b, 1, h * d))
-
-    def _decode(self, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, emb: torch.Tensor, layer_fn: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One position through the trunk (``layer_fn``: a compiled :func:`decode_layer`, or the plain
+        one) -> (logp [V], hidden [H]); advances ``pos``."""
+        layer_fn = layer_fn or decode_layer
         pos = self.pos
         cos, sin = rope_cos_sin(pos, self.head_dim, self.theta, emb.dtype)
         mask = (torch.arange(self.S, device=pos.device) <= pos).view(1, 1, 1, self.S)
         h = emb
-        for i, (layer, c) in enumerate(zip(self.trunk.layers, self.caches)):
-            a = layer.self_attn
-            if self.fused:
-                q, k, v = self._qkv_fused(a, i, layer.input_layernorm(h), cos, sin)
-            else:
-                q, k, v = self._qkv(a, layer.input_layernorm(h), cos, sin)
-            c.k.index_copy_(2, pos, k)
-            c.v.index_copy_(2, pos, v)
-            h = h + self._attend_one(a, q, c.k, c.v, mask)
-            x = layer.post_attention_layernorm(h)
-            if self.fused:
-                gate, up = F.linear(x, self.gate_up_w[i]).chunk(2, dim=-1)
-                h = h + layer.mlp.down_proj(F.silu(gate) * up)
-            else:
-                h = h + layer.mlp(x)
+        for layer, c in zip(self.trunk.layers, self.caches):
+            h = layer_fn(layer, c, h, pos, cos, sin, mask)
         h = self.trunk.norm(h)
         last = h[:, -1]
         logp = self.lm.logp(last)[0]
@@ -359,7 +382,7 @@ class LLMRunner:
 
     def __init__(self, lm: CosyVoice3LM, compiler: Compiler, *, prefill_buckets: Sequence[int],
                  cuda_graphs: bool, exact_sampling: bool, stop_check_every: int, async_stop: bool,
-                 min_cache: int = 256) -> None:
+                 min_cache: int = 256, regional: bool = False) -> None:
         self.lm, self.compiler = lm, compiler
         self.device = lm.llm_decoder.weight.device
         self.prefill_buckets = tuple(prefill_buckets)
@@ -368,6 +391,8 @@ class LLMRunner:
         self.stop_check_every = max(1, int(stop_check_every))
         self.async_stop = async_stop and self.device.type == "cuda"
         self.min_cache = min_cache
+        self.regional = bool(regional) and compiler.backend != "none"
+        self._layer_fns: Optional[Tuple[Callable, Callable]] = None
         self.statics: Dict[int, StaticLM] = {}
         self.fns: Dict[int, Dict[str, Callable]] = {}
         self.graphs = GraphCache(max_size=64, after=1)
@@ -391,9 +416,18 @@ class LLMRunner:
             c = self.compiler
             # one compiled decode body serves both sampling modes (a second copy would double the
             # compile time of the largest graph); the glue between the pieces is a few small ops,
-            # captured into the same CUDA graph on GPU
-            decode, sample = c(st._decode), c(st.sample_device)
-            self.fns[S] = {"prefill": c(st.prefill), "exact": lambda: st.step_exact(decode),
+            # captured into the same CUDA graph on GPU.  regional: one compiled layer for all layers
+            # (shared by every cache length too), the glue around it uncompiled
+            sample = c(st.sample_device)
+            if self.regional:
+                if self._layer_fns is None:
+                    self._layer_fns = (c(prefill_layer), c(decode_layer))
+                pf, dl = self._layer_fns
+                decode = lambda emb: st._decode(emb, dl)  # noqa: E731
+                prefill = lambda emb, last: st.prefill(emb, last, pf)  # noqa: E731
+            else:
+                decode, prefill = c(st._decode), c(st.prefill)
+            self.fns[S] = {"prefill": prefill, "exact": lambda: st.step_exact(decode),
                            "device": lambda: st.step_device(decode, sample)}
         return self.statics[S]
 

@@ -9,7 +9,7 @@ rotary angles are computed in float32.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -370,8 +370,12 @@ class DiT(nn.Module):
             tap(f"{self.tap_prefix}.{name}", value)
 
     def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Optional[Tensor] = None,
-                cond: Optional[Tensor] = None, streaming: bool = False) -> Tensor:
-        """x, mu, cond [B, 80, L]; mask [B, 1, L]; t [B] (or scalar); spks [B, spk_dim] -> [B, mel_dim, L]."""
+                cond: Optional[Tensor] = None, streaming: bool = False,
+                block_fn: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """x, mu, cond [B, 80, L]; mask [B, 1, L]; t [B] (or scalar); spks [B, spk_dim] -> [B, mel_dim, L].
+
+        ``block_fn(block, h, temb, mask, rope)`` replaces the call of each transformer block (e.g. by
+        one compiled function shared by all blocks: regional compilation)."""
         self._tap("in.x", x)
         self._tap("in.mask", mask)
         self._tap("in.mu", mu)
@@ -400,7 +404,7 @@ class DiT(nn.Module):
         attn_mask = dit_attention_mask(mask, streaming, self.static_chunk_size, -1)
 
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, temb, mask=attn_mask, rope=rope)
+            h = block(h, temb, mask=attn_mask, rope=rope) if block_fn is None else block_fn(block, h, temb, attn_mask, rope)
             if enabled():
                 tap(f"{self.tap_prefix}.block.{i:02d}", h)
 
