@@ -108,6 +108,29 @@ def test_dynamo_full_graph_capture_flow_and_hift(t2w_model, fixtures):
         assert rep.passed and not bad, (name, bad)
 
 
+def test_regional_compilation_traces_one_layer_and_passes(llm_model, t2w_model, fixtures):
+    """``regional=True``: the decoder layer and the DiT block are compiled as functions of the
+    layer (full graphs under aot_eager), shared by every layer, and the stage dumps still pass."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    be = backends.create("compiled", llm_model, capture=False, compile_backend="aot_eager", regional=True,
+                         prefill_buckets=(64,), exact_sampling=True)
+    rep, bad = _passes(be, _dump(fixtures, "llm_teacher"))
+    assert rep.passed and not bad, bad
+    assert be.llm_runner._layer_fns is not None
+    n_layers = len(llm_model.llm.llm.model.model.layers)
+    assert n_layers > 1
+    # one graph for the prefill layer, one for the decode layer, one for the sampler at most —
+    # not one per layer
+    assert counters["stats"]["unique_graphs"] <= 3 + 1, dict(counters["stats"])
+    fb = backends.create("compiled", t2w_model, capture=False, compile_backend="aot_eager", regional=True,
+                         flow_buckets=(256,))
+    assert fb.flow_runner._block is not None
+    rep, bad = _passes(fb, _dump(fixtures, "flow_stream_0"))
+    assert rep.passed and not bad, bad
+
+
 # ----------------------------------------------------------------------------- padding
 
 
