@@ -75,11 +75,14 @@ MODEL_HELP = "Model dir (upstream layout), or 'tiny' / 'full' for a built-in ran
 @click.option("--format", "fmt", type=click.Choice(["auto", "pt", "safetensors"]), default="auto", show_default=True)
 @click.option("--rl", "llm_rl", is_flag=True, help="Use llm.rl.pt instead of llm.pt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--max-silent-tokens", type=int, default=5, show_default=True,
+              help="Keep at most this many silence/breath tokens in a row (upstream's rule); -1 keeps all.")
 def synth_cmd(text: Optional[str], output: str, mode: str, model: str, backend: str, device: Optional[str],
               dtype: Optional[str], seed: int, max_tokens: Optional[int], min_tokens: Optional[int],
               speaker: Optional[str], prompt_text: Optional[str], prompt_wav: Optional[str],
               instruct_text: Optional[str], source_wav: Optional[str], stream: bool, speed: float,
-              no_text_frontend: bool, strict_prompt: bool, fmt: str, llm_rl: bool, as_json: bool) -> None:
+              no_text_frontend: bool, strict_prompt: bool, fmt: str, llm_rl: bool, as_json: bool,
+              max_silent_tokens: int) -> None:
     """Synthesise TEXT to a WAV file in one of CosyVoice3's modes.
 
     TEXT is normalised and split into pieces as upstream does (numbers spelled out, ~80 tokens per
@@ -104,7 +107,8 @@ def synth_cmd(text: Optional[str], output: str, mode: str, model: str, backend: 
     from .wav import write_wav
 
     _check_synth_args(mode, text, speaker, prompt_text, prompt_wav, instruct_text, source_wav, strict_prompt)
-    pipe = Pipeline.from_model(model, backend=backend, device=device, dtype=dtype, fmt=fmt, llm_rl=llm_rl)
+    pipe = Pipeline.from_model(model, backend=backend, device=device, dtype=dtype, fmt=fmt, llm_rl=llm_rl,
+                               max_silent_tokens=None if max_silent_tokens < 0 else max_silent_tokens)
     gen = dict(seed=seed, min_tokens=min_tokens, max_tokens=max_tokens)
     tf = not no_text_frontend
     t_start = time.perf_counter()

@@ -180,14 +180,40 @@ class HiftStream:
         return new
 
 
-class Pipeline:
-    """End-to-end synthesis over one backend."""
+# upstream's CosyVoice3Model: the FSQ ids of silence and breath; its llm_job keeps at most 5 of
+# them in a row (the LLM still sees every sampled id; only what reaches the flow is filtered)
+SILENT_TOKENS = frozenset((1, 2, 28, 29, 55, 248, 494, 2241, 2242, 2322, 2323))
+MAX_SILENT_RUN = 5
 
-    def __init__(self, backend: Any, tokenizer: Any = None, progress: bool = True) -> None:
+
+def limit_silent_runs(tokens: Iterable[int], max_run: Optional[int] = MAX_SILENT_RUN,
+                      silent: frozenset = SILENT_TOKENS) -> Iterator[int]:
+    """Drop silent/breath ids beyond ``max_run`` in a row, as upstream's ``llm_job`` (None: keep all)."""
+    run = 0
+    for t in tokens:
+        if max_run is not None:
+            if int(t) in silent:
+                run += 1
+                if run > max_run:
+                    continue
+            else:
+                run = 0
+        yield t
+
+
+class Pipeline:
+    """End-to-end synthesis over one backend.
+
+    ``max_silent_tokens``: keep at most this many silent/breath ids in a row in what goes to the
+    flow (upstream's rule, default 5; None keeps every sampled id)."""
+
+    def __init__(self, backend: Any, tokenizer: Any = None, progress: bool = True,
+                 max_silent_tokens: Optional[int] = MAX_SILENT_RUN) -> None:
         self.backend = backend
         self.model = backend.model
         self.tokenizer = tokenizer
         self.progress = progress
+        self.max_silent_tokens = max_silent_tokens
 
     @classmethod
     def from_model(cls, model: Union[str, Path, None] = None, backend: str = "eager", device: Optional[str] = None,
@@ -199,7 +225,8 @@ class Pipeline:
 
         m = load_model(model, fmt=fmt, llm_rl=llm_rl, device=device, dtype=dtype)
         tok = CosyVoice3Tokenizer.from_dir(m.model_dir / "CosyVoice-BlankEN")
-        return cls(backends.create(backend, m, **backend_options), tok, progress=progress)
+        silent = backend_options.pop("max_silent_tokens", MAX_SILENT_RUN)
+        return cls(backends.create(backend, m, **backend_options), tok, progress=progress, max_silent_tokens=silent)
 
     @property
     def sample_rate(self) -> int:
@@ -241,11 +268,13 @@ class Pipeline:
         total = max_tokens if max_tokens is not None else int(text_ids.shape[1] * 20)
         out: List[int] = []
         with Progress("llm", total=total, unit="tokens", enabled=self.progress) as bar:
-            for tok in self.backend.llm_generate(text_ids, prompt_text_ids, prompt_speech_token,
-                                                 min_len=min_tokens, max_len=max_tokens, generator=gen,
-                                                 strict_min_len=min_tokens is not None):
-                out.append(tok)
-                bar.update()
+            def counted() -> Iterator[int]:
+                for tok in self.backend.llm_generate(text_ids, prompt_text_ids, prompt_speech_token,
+                                                     min_len=min_tokens, max_len=max_tokens, generator=gen,
+                                                     strict_min_len=min_tokens is not None):
+                    bar.update()
+                    yield tok
+            out.extend(limit_silent_runs(counted(), self.max_silent_tokens))
         return out
 
     def token2wav(self, tokens: Union[List[int], torch.Tensor], prompt_token: Optional[torch.Tensor] = None,
@@ -381,9 +410,10 @@ class Pipeline:
         prompt_speech_token = _empty_ids() if prompt_speech_token is None else prompt_speech_token
         gen_device = self.backend.device if self.backend.device.type == "cuda" else "cpu"
         gen = torch.Generator(device=gen_device).manual_seed(seed)
-        token_iter = self.backend.llm_generate(text_ids, prompt_ids, prompt_speech_token, min_len=min_tokens,
-                                               max_len=max_tokens, generator=gen,
-                                               strict_min_len=min_tokens is not None)
+        token_iter = limit_silent_runs(
+            self.backend.llm_generate(text_ids, prompt_ids, prompt_speech_token, min_len=min_tokens,
+                                      max_len=max_tokens, generator=gen, strict_min_len=min_tokens is not None),
+            self.max_silent_tokens)
         stream = self.token2wav_stream(token_iter, prompt_speech_token, prompt_feat, embedding)
         with contextlib.closing(stream) as chunks:
             yield from chunks
@@ -542,9 +572,11 @@ class Pipeline:
             return iter(inp.source_speech_token.flatten().tolist())
         if max_tokens is not None and min_tokens is not None and min_tokens > max_tokens:
             min_tokens = max_tokens
-        return self.backend.llm_generate(inp.text, inp.prompt_text, inp.llm_prompt_speech_token,
-                                         min_len=min_tokens, max_len=max_tokens, generator=gen,
-                                         strict_min_len=min_tokens is not None)
+        return limit_silent_runs(
+            self.backend.llm_generate(inp.text, inp.prompt_text, inp.llm_prompt_speech_token,
+                                      min_len=min_tokens, max_len=max_tokens, generator=gen,
+                                      strict_min_len=min_tokens is not None),
+            self.max_silent_tokens)
 
     @staticmethod
     def _flow_embedding(inp: "ModelInput") -> Optional[torch.Tensor]:

@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, Iterator, List
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 from cosytools import taps
@@ -419,3 +420,27 @@ def test_speed_is_refused_in_streaming(pipe, fixture_model_dir, capsys) -> None:
 def test_bad_schedule_is_refused(pipe) -> None:
     with pytest.raises(InputError, match="streaming schedule"):
         list(pipe.token2wav_stream([1, 2, 3], token_hop_len=0))
+
+
+@given(st.lists(st.sampled_from([1, 2, 28, 7, 100, 2323, 5]), max_size=60), st.sampled_from([None, 0, 1, 5]))
+def test_silent_runs_are_limited_as_upstream(tokens, max_run):
+    """Upstream's llm_job rule: a silent/breath id is dropped when it would be the (max_run+1)-th in
+    a row; any other id resets the run; nothing else changes."""
+    from cosytools.pipeline import SILENT_TOKENS, limit_silent_runs
+
+    out = list(limit_silent_runs(tokens, max_run))
+    if max_run is None:
+        assert out == tokens
+        return
+    kept, run = [], 0
+    for t in tokens:  # the rule written out a second way: keep unless the run is already full
+        run = run + 1 if t in SILENT_TOKENS else 0
+        if not (t in SILENT_TOKENS and run > max_run):
+            kept.append(t)
+    assert out == kept
+    assert [t for t in out if t not in SILENT_TOKENS] == [t for t in tokens if t not in SILENT_TOKENS]
+    longest = cur = 0
+    for t in out:
+        cur = cur + 1 if t in SILENT_TOKENS else 0
+        longest = max(longest, cur)
+    assert longest <= max_run
