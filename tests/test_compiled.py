@@ -553,10 +553,11 @@ def test_cuda_device_sampling_schemes_agree(fixture_model_dir, fixtures):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_cuda_half_precision(fixture_model_dir, fixtures, dtype):
     """bf16/fp16: LLM logits and flow mel within the dtype's default tolerance of the float32 dumps
-    (as eager); HiFT runs (its F0 stays float64) and gives finite audio."""
+    (as eager); HiFT stays float32 (F0 float64) and passes its dump too."""
     m = load_model(fixture_model_dir, device="cuda", dtype=dtype)
+    assert m.hift.dtype == torch.float32
     be = backends.create("compiled", m, capture=False)
-    for name in ("llm_teacher", "flow_full", "flow_stream_0"):
+    for name in ("llm_teacher", "flow_full", "flow_stream_0", "hift_full"):
         d = _dump(fixtures, name)
         tol = default_tolerance(d.stage, str(m.dtype).replace("torch.", ""))
         rep = build_report(d, run_dump(be, d), tol)
