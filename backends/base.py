@@ -87,6 +87,13 @@ class Backend(abc.ABC):
             prompt_feat = prompt_feat[None]
         return as_ids(token, d), as_ids(prompt_token, d), prompt_feat, embedding.to(d, dt).reshape(1, -1)
 
+    def _lm_input(self, text: Any, prompt_text: Any, prompt_speech_token: Any) -> torch.Tensor:
+        """The LM's input embeddings [1, T, H] for these ids (``CosyVoice3LM.build_lm_input`` on the
+        backend's device)."""
+        lm, d = self._need("llm"), self.device
+        with torch.inference_mode():
+            return lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
+
     @staticmethod
     def _lengths(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``[T]`` int32 length tensors of the given ``[1, T, …]`` tensors (upstream's *_len arguments)."""

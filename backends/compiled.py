@@ -173,12 +173,6 @@ class CompiledBackend(Backend):
         return self._hift
 
     # -- LLM --------------------------------------------------------------------------------
-    def _lm_input(self, text: torch.Tensor, prompt_text: torch.Tensor,
-                  prompt_speech_token: torch.Tensor) -> torch.Tensor:
-        lm, d = self._need("llm"), self.device
-        with torch.inference_mode():
-            return lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
-
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
         return self.llm_runner.session(self._lm_input(text, prompt_text, prompt_speech_token), max_new_tokens)

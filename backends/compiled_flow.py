@@ -194,15 +194,7 @@ class HiftRunner:
             mel = mel.clone()
         f0 = self._f0_call if self._f0 is not None else None
         mel_dec, s = h.source_excitation(mel, finalize=finalize, noise=noise, f0_predictor=f0)
-        s_real, s_imag = h._stft(s.squeeze(1).to(torch.float32))
-        tap("s_stft_real", s_real)
-        tap("s_stft_imag", s_imag)
+        s_real, s_imag = h.source_stft(s)
         magnitude, phase = self._body_call(mel_dec.to(h.dtype).contiguous(), s_real.contiguous(),
                                            s_imag.contiguous(), finalize)
-        tap("magnitude", magnitude)
-        tap("phase", phase)
-        wav = h._istft(magnitude, phase)
-        tap("istft", wav)
-        if not finalize:
-            wav = wav[:, :wav.shape[1] - h.upsample_scale]
-        return torch.clamp(wav, -h.audio_limit, h.audio_limit), s
+        return h.synthesize(magnitude, phase, finalize), s

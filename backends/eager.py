@@ -47,10 +47,7 @@ class EagerBackend(Backend):
     @torch.inference_mode()
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
-        lm = self._need("llm")
-        d = self.device
-        lm_input = lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
-        return _EagerSession(lm, lm_input, max_new_tokens)
+        return _EagerSession(self._need("llm"), self._lm_input(text, prompt_text, prompt_speech_token), max_new_tokens)
 
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,

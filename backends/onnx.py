@@ -475,10 +475,7 @@ class OnnxBackend(Backend):
     @torch.inference_mode()
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
-        lm = self._need("llm")
-        d = self.device
-        lm_input = lm.build_lm_input(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d))
-        return _OrtLLMSession(self, lm_input)
+        return _OrtLLMSession(self, self._lm_input(text, prompt_text, prompt_speech_token))
 
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
@@ -576,9 +573,7 @@ class OnnxBackend(Backend):
         if noise is not None:
             noise = {k: v.to(d) for k, v in noise.items()}
         mel_d, s = hift.source_excitation(mel.to(d, torch.float32), finalize=finalize, noise=noise)
-        s_real, s_imag = hift._stft(s.squeeze(1).to(torch.float32))
-        tap("s_stft_real", s_real)
-        tap("s_stft_imag", s_imag)
+        s_real, s_imag = hift.source_stft(s)
         x, s_real, s_imag = hift_graph_inputs(hift, mel_d, s_real, s_imag, finalize)
         frames = hift.upsample_prod * (x.shape[2] - hift.conv_pre_look_right) + 1
         nb = hift.n_fft // 2 + 1
@@ -587,12 +582,5 @@ class OnnxBackend(Backend):
                        {"magnitude": (1, nb, frames), "phase": (1, nb, frames)})
         for o in extra:
             tap(o[len("tap."):] if o.startswith("tap.") else o, res[o])
-        magnitude, phase = res["magnitude"], res["phase"]
-        tap("magnitude", magnitude)
-        tap("phase", phase)
-        wav = hift._istft(magnitude, phase)
-        tap("istft", wav)
-        if not finalize:
-            wav = wav[:, :wav.shape[1] - hift.upsample_scale]
-        speech = torch.clamp(wav, -hift.audio_limit, hift.audio_limit)
+        speech = hift.synthesize(res["magnitude"], res["phase"], finalize)
         return speech.float(), s.float()

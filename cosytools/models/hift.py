@@ -552,10 +552,20 @@ class CausalHiFTGenerator(nn.Module):
 
     def decode(self, x: torch.Tensor, s: torch.Tensor, finalize: bool = True) -> torch.Tensor:
         """mel [B,80,T] + source [B,1,N] -> waveform [B, samples] (float32)."""
+        s_real, s_imag = self.source_stft(s)
+        magnitude, phase = self.decode_body(x, s_real, s_imag, finalize)
+        return self.synthesize(magnitude, phase, finalize)
+
+    def source_stft(self, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Source [B,1,N] -> its STFT (real, imag) in float32, tapped: the input of :meth:`decode_body`."""
         s_real, s_imag = self._stft(s.squeeze(1).to(torch.float32))
         tap("s_stft_real", s_real)
         tap("s_stft_imag", s_imag)
-        magnitude, phase = self.decode_body(x, s_real, s_imag, finalize)
+        return s_real, s_imag
+
+    def synthesize(self, magnitude: torch.Tensor, phase: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+        """The output of :meth:`decode_body` -> clamped waveform (iSTFT; without ``finalize`` the
+        last hop, which the next chunk recomputes, is cut), tapped."""
         tap("magnitude", magnitude)
         tap("phase", phase)
         wav = self._istft(magnitude, phase)
