@@ -30,7 +30,8 @@ default; ``$COSYTOOLS_ORT_THREADS``); ``providers`` (list or comma string, e.g.
 ``"CUDAExecutionProvider"``; ``$COSYTOOLS_ORT_PROVIDERS``; default: CUDA when the model is on a GPU
 and onnxruntime has the CUDA provider — with IO binding, so tensors stay on the device — else
 CPU); ``graph_optimization`` (``all``/``extended``/``basic``/``disable``); ``opset`` (export opset);
-``verify_export`` (check fresh exports against eager, default true).
+``verify_export`` (check fresh exports against eager, default true); ``io_binding`` (default: on
+with the CUDA provider on a CUDA device; ``true`` binds CPU tensors as well — the same code path).
 
 Sessions are created once per stage and reused.  Taps: LLM prefill (``lm_input``,
 ``hidden.NN``, ``final_hidden``, ``step_hidden``), flow (``mu``, ``cond``, ``spk_proj`` … from torch;
@@ -101,7 +102,7 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, providers: List[Any], threads: int = 0, opt_level: str = "all",
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), io_binding: Optional[bool] = None) -> None:
         ort = _ort()
         self.path = Path(path)
         so = ort.SessionOptions()
@@ -130,7 +131,11 @@ class OrtSession:
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.provider = self.sess.get_providers()[0]
         self.device = device
-        self.binding = self.provider == "CUDAExecutionProvider" and device.type == "cuda"
+        # IO binding: torch tensors handed to onnxruntime by pointer, outputs written into torch
+        # tensors.  Default: with the CUDA provider on a CUDA device (nothing leaves the GPU);
+        # ``io_binding=True`` also binds CPU tensors (the same code path, testable without a GPU)
+        on_cuda = self.provider == "CUDAExecutionProvider" and device.type == "cuda"
+        self.binding = on_cuda if io_binding is None else bool(io_binding) and (on_cuda or device.type == "cpu")
 
     def input_dtype(self, name: str) -> torch.dtype:
         return _ORT_TO_TORCH.get(self.inputs[name].type, torch.float32)
@@ -155,22 +160,25 @@ class OrtSession:
     def _run_bound(self, feeds: Dict[str, torch.Tensor], outputs: Sequence[str],
                    shapes: Dict[str, Sequence[int]]) -> Dict[str, torch.Tensor]:
         import numpy as np
-        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        cuda = self.device.type == "cuda"
+        kind = "cuda" if cuda else "cpu"
+        dev_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
         io = self.sess.io_binding()
         keep = []
         for k, v in feeds.items():
             v = v.to(self.device).contiguous()
             keep.append(v)
-            io.bind_input(k, "cuda", dev_id, _np_dtype(v.dtype), list(v.shape), v.data_ptr())
+            io.bind_input(k, kind, dev_id, _np_dtype(v.dtype), list(v.shape), v.data_ptr())
         out: Dict[str, torch.Tensor] = {}
         for k in outputs:
             if k in shapes:
                 t = torch.empty(tuple(shapes[k]), dtype=self.output_dtype(k), device=self.device)
-                io.bind_output(k, "cuda", dev_id, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
+                io.bind_output(k, kind, dev_id, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
                 out[k] = t
             else:
-                io.bind_output(k, "cuda", dev_id)
-        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch must be complete
+                io.bind_output(k, kind, dev_id)
+        if cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch must be complete
         io.synchronize_inputs()
         self.sess.run_with_iobinding(io)
         io.synchronize_outputs()
@@ -243,6 +251,8 @@ class OnnxBackend(Backend):
         self.opset = int(options.get("opset", DEFAULT_OPSET))
         self.verify_export = bool(options.get("verify_export", True))
         self.providers = self._select_providers(options.get("providers", os.environ.get("COSYTOOLS_ORT_PROVIDERS")))
+        ib = options.get("io_binding")
+        self.io_binding: Optional[bool] = None if ib is None else bool(ib)
         self._sessions: Dict[str, OrtSession] = {}
         self._files: Dict[str, Path] = {}
         self._warned_stream_fallback = False
@@ -375,7 +385,8 @@ class OnnxBackend(Backend):
             self._files.update(self._stage_files(stage))
         if role not in self._files:
             raise OnnxError(f"no ONNX file for {role}")
-        sess = OrtSession(self._files[role], self.providers, self.threads, self.opt_level, self.device)
+        sess = OrtSession(self._files[role], self.providers, self.threads, self.opt_level, self.device,
+                          io_binding=self.io_binding)
         self._check_io(role, sess)
         self._sessions[role] = sess
         return sess
