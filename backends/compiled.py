@@ -55,10 +55,11 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
 
-dtypes: the model's dtype (``load_model(dtype=…)``): float32, bf16, fp16.  The model code keeps
-the DiT attention scores/softmax, the RMSNorm statistics, the rotary angles, the flow ODE state
-and the HiFT source/iSTFT in float32 (F0 in float64) whatever the dtype; inductor computes
-LayerNorm statistics in float32 for half inputs.
+dtypes: the model's dtype (``load_model(dtype=…)``): float32, bf16, fp16 for the LLM and the flow;
+HiFT's conv stack stays float32 unless ``hift_dtype`` says otherwise.  The model code keeps the
+DiT softmax (fp16: the whole attention; bf16: inside the fused attention kernels), the RMSNorm
+statistics, the rotary angles, the flow ODE state and the HiFT source/iSTFT in float32 (F0 in
+float64) whatever the dtype; inductor computes LayerNorm statistics in float32 for half inputs.
 
 Compile time and caching: :meth:`CompiledBackend.warmup` compiles (and captures) the shapes a
 run will use and returns the seconds per part.  Inductor's FX graph cache (on) keeps compiled
