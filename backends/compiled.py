@@ -52,6 +52,10 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        Cuts compile time roughly by the layer count; loses fusion across layer
                        boundaries and leaves the glue between layers uncompiled (inside the CUDA
                        graph on GPU).
+``conv_pos``           the DiT position embedding's two grouped convolutions (16 groups, 31 taps):
+                       ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
+                       kernel took ~580 us per call on an H100 in bf16) or ``conv`` (the module's
+                       conv1d, default on CPU).  Same sum in another order (round-off only).
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
 
@@ -95,7 +99,7 @@ OPTION_DEFAULTS: Dict[str, Any] = {
     "mode": "default", "compile_backend": "inductor", "cuda_graphs": None, "exact_sampling": None,
     "stop_check_every": 16, "async_stop": None, "tf32": False, "prefill_buckets": DEFAULT_PREFILL_BUCKETS,
     "flow_buckets": DEFAULT_FLOW_BUCKETS, "flow_dynamic": False, "compile_f0": True, "hift_graph_after": 2,
-    "regional": False,
+    "regional": False, "conv_pos": None,
 }
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
@@ -122,6 +126,9 @@ class CompiledBackend(Backend):
         o["cuda_graphs"] = bool(cuda if o["cuda_graphs"] is None else o["cuda_graphs"]) and cuda
         o["exact_sampling"] = bool((not cuda) if o["exact_sampling"] is None else o["exact_sampling"])
         o["async_stop"] = bool(cuda if o["async_stop"] is None else o["async_stop"]) and cuda
+        o["conv_pos"] = str(o["conv_pos"] or ("matmul" if cuda else "conv"))
+        if o["conv_pos"] not in ("conv", "matmul"):
+            raise ConfigError(f"compiled backend: conv_pos must be 'conv' or 'matmul', got {o['conv_pos']!r}")
         o["prefill_buckets"] = as_tuple(o["prefill_buckets"])
         o["flow_buckets"] = as_tuple(o["flow_buckets"])
         o["stop_check_every"] = int(o["stop_check_every"])
@@ -162,7 +169,7 @@ class CompiledBackend(Backend):
         if self._flow is None:
             self._flow = FlowRunner(self._need("flow"), self.compiler, buckets=self.opts["flow_buckets"],
                                     cuda_graphs=self.opts["cuda_graphs"], dynamic=bool(self.opts["flow_dynamic"]),
-                                    regional=bool(self.opts["regional"]))
+                                    regional=bool(self.opts["regional"]), conv_pos=self.opts["conv_pos"])
         return self._flow
 
     @property

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cosytools.models.dit import grouped_conv1d_as_matmul
 from cosytools.models.flow import euler_schedule
 from cosytools.taps import enabled, paused, tap
 
@@ -48,7 +49,8 @@ class FlowRunner:
     """Bucketed, compiled (and on CUDA graphed) flow-matching decoder of a ``CausalMaskedDiffWithDiT``."""
 
     def __init__(self, flow: torch.nn.Module, compiler: Compiler, *, buckets: Sequence[int], cuda_graphs: bool,
-                 n_timesteps: int = 10, dynamic: bool = False, regional: bool = False) -> None:
+                 n_timesteps: int = 10, dynamic: bool = False, regional: bool = False,
+                 conv_pos: str = "conv") -> None:
         self.flow = flow
         self.cfm = flow.decoder
         self.est = self.cfm.estimator
@@ -72,6 +74,10 @@ class FlowRunner:
         dyn = None if self.dynamic else False
         self._block = compiler(_run_block, dynamic=dyn) if self.regional else None
         self._step = self.euler_step if self.regional else compiler(self.euler_step, dynamic=dyn)
+        if conv_pos not in ("conv", "matmul"):
+            raise ValueError(f"conv_pos must be 'conv' or 'matmul', got {conv_pos!r}")
+        # the DiT position embedding's grouped convs: cuDNN's kernel, or im2col + one batched matmul
+        self._conv_fn = grouped_conv1d_as_matmul if conv_pos == "matmul" else None
         self.graphs = GraphCache(max_size=32, after=1)
 
     def bucket_len(self, length: int) -> int:
@@ -84,7 +90,8 @@ class FlowRunner:
         dtype = mu_in.dtype
         x_in = torch.cat([x, x], dim=0).to(dtype)
         t_in = t.expand(2).to(dtype)
-        out = self.est(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, block_fn=self._block).float()
+        out = self.est(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, block_fn=self._block,
+                       conv_fn=self._conv_fn).float()
         v_cond, v_uncond = out[:1], out[1:]
         dphi = (1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond
         return x + dt * dphi

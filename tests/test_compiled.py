@@ -140,6 +140,17 @@ def test_regional_compilation_traces_one_layer_and_passes(llm_model, t2w_model, 
     assert rep.passed and not bad, bad
 
 
+def test_conv_pos_as_matmul_passes_flow_dumps(t2w_model, fixtures):
+    """``conv_pos=matmul`` (the CUDA default) meets the eager flow tolerances on the dumps."""
+    be = backends.create("compiled", t2w_model, capture=False, conv_pos="matmul", **CHEAP)
+    assert be.flow_runner._conv_fn is not None
+    for name in ("flow_full", "flow_stream_0"):
+        rep, bad = _passes(be, _dump(fixtures, name))
+        assert rep.passed and not bad, (name, bad)
+    with pytest.raises(ConfigError, match="conv_pos"):
+        backends.create("compiled", t2w_model, conv_pos="fft")
+
+
 # ----------------------------------------------------------------------------- padding
 
 

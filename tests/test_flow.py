@@ -196,3 +196,24 @@ def test_dit_attention_mask(size: int, chunk: int, valid: int, streaming: bool) 
     expected = keys.unsqueeze(0) & causal
     expected |= ~expected.any(dim=-1, keepdim=True)
     assert torch.equal(mask[0, 0], expected) and torch.equal(mask[1, 0], expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4, 16]), per_group=st.integers(1, 5), k=st.sampled_from([1, 3, 31]),
+       length=st.integers(1, 40), batch=st.integers(1, 2), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_grouped_conv1d_as_matmul_equals_conv1d(groups, per_group, k, length, batch, bias, seed):
+    """im2col + batched matmul is the grouped conv1d (unpadded, stride 1) up to float32 round-off."""
+    from cosytools.models.dit import grouped_conv1d_as_matmul
+
+    g = torch.Generator().manual_seed(seed)
+    c = groups * per_group
+    conv = torch.nn.Conv1d(c, c, k, groups=groups, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        if bias:
+            conv.bias.copy_(torch.randn(c, generator=g))
+        x = torch.randn(batch, c, length + k - 1, generator=g)
+        want = conv(x)
+        got = grouped_conv1d_as_matmul(x, conv)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-6)
