@@ -360,7 +360,7 @@ def _cpu_session(path: Path) -> Any:
 
 
 def _err(ref: Tensor, out: Any) -> Tuple[float, float]:
-    o = torch.as_tensor(out).double()
+    o = torch.as_tensor(out).detach().double().cpu()  # numpy output or a tensor on the model's device
     r = ref.detach().double().cpu()
     if o.shape != r.shape:
         raise OnnxExportError(f"exported graph returns shape {list(o.shape)} where eager gives {list(r.shape)}")
