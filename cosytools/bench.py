@@ -158,9 +158,11 @@ def _one_run(backend: Any, inp: BenchInputs, seed: int, stream: bool) -> tuple[D
         tok_iter = backend.llm_generate(inp.text, inp.prompt_text, inp.prompt_speech_token, min_len=n, max_len=n,
                                         generator=g, strict_min_len=True)
         ready = []
+        # a chunk's samples are on the host when it is yielded (t_ready); no device-wide sync here:
+        # that would also wait for the LLM thread's queued decode steps, which the listener does not
         for ch in pipe.token2wav_stream(tok_iter, inp.prompt_speech_token, inp.prompt_feat, inp.embedding):
-            timer.sync()
-            ready.append(time.perf_counter() - t0)
+            ready.append(ch.t_ready - t0)
+        timer.sync()
         r["stream_first_chunk_s"] = ready[0]
         gaps = [b - a for a, b in zip(ready, ready[1:])]
         r["stream_max_gap_s"] = max(gaps) if gaps else 0.0

@@ -205,11 +205,15 @@ class Pipeline:
     """End-to-end synthesis over one backend.
 
     ``max_silent_tokens``: keep at most this many silent/breath ids in a row in what goes to the
-    flow (upstream's rule, default 5; None keeps every sampled id)."""
+    flow (upstream's rule, default 5; None keeps every sampled id).
+    ``chunk_priority``: on CUDA, when streaming runs the LLM in its own thread, run each chunk's
+    flow + HiFT on a high-priority CUDA stream (the LLM's stream has the lowest priority), so
+    that a chunk is not queued behind decode steps (default True)."""
 
     def __init__(self, backend: Any, tokenizer: Any = None, progress: bool = True,
-                 max_silent_tokens: Optional[int] = MAX_SILENT_RUN) -> None:
+                 max_silent_tokens: Optional[int] = MAX_SILENT_RUN, chunk_priority: bool = True) -> None:
         self.backend = backend
+        self.chunk_priority = chunk_priority
         self.model = backend.model
         self.tokenizer = tokenizer
         self.progress = progress
@@ -344,7 +348,22 @@ class Pipeline:
         offset = 0
         vocoder = HiftStream(self.backend, noise=hift_noise)
 
+        chunk_stream: Optional[torch.cuda.Stream] = None
+
         def run(upto: int, finalize: bool, streaming: bool) -> torch.Tensor:
+            if chunk_stream is None:
+                return vocode(upto, finalize, streaming)
+            # the chunk's flow + HiFT on a high-priority stream: the GPU schedules its kernels ahead
+            # of the LLM thread's queued decode steps (lowest priority), which only wait a little
+            caller = torch.cuda.current_stream(chunk_stream.device)
+            chunk_stream.wait_stream(caller)
+            with torch.cuda.stream(chunk_stream):
+                speech = vocode(upto, finalize, streaming)
+            caller.wait_stream(chunk_stream)
+            speech.record_stream(caller)
+            return speech
+
+        def vocode(upto: int, finalize: bool, streaming: bool) -> torch.Tensor:
             tok = torch.tensor([got[:upto]], dtype=torch.long)
             mel = self.backend.flow(tok, prompt_token, prompt_feat, embedding, streaming=streaming,
                                     finalize=finalize, noise=flow_noise)[:, :, offset * ratio:]
@@ -360,6 +379,8 @@ class Pipeline:
         if concurrent:
             dev = self.backend.device
             producer = TokenProducer(tokens, cuda_device=dev if dev.type == "cuda" else None)
+            if dev.type == "cuda" and self.chunk_priority:
+                chunk_stream = torch.cuda.Stream(dev, priority=-1)  # lower number = higher priority
             it: Iterator[int] = iter(producer)
         else:
             it = iter(tokens)
