@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import click
 
@@ -30,9 +30,12 @@ class _Models:
     """Loads each (model dir, backend, device, dtype, components) once per command."""
 
     def __init__(self, model: Optional[str], backend: str, device: Optional[str], dtype: Optional[str],
-                 fmt: str, gguf: Any = None) -> None:
+                 fmt: str, gguf: Any = None, components: Optional[Iterable[str]] = None) -> None:
         self.model, self.backend, self.device, self.dtype, self.fmt = model, backend, device, dtype, fmt
         self.gguf = gguf  # LLM trunk: a GGUF path, False (float weights) or None (auto: env / llm.gguf)
+        # components: load these once and serve every stage from one backend (a compiled backend
+        # then compiles each part once for the whole folder, not once per stage)
+        self.components = tuple(sorted(set(components))) if components else None
         self._cache: Dict[tuple, Any] = {}
 
     def get(self, comps: tuple) -> Any:
@@ -40,8 +43,10 @@ class _Models:
         from cosytools.loading import load_model
 
         key = tuple(sorted(comps))
+        if self.components is not None and set(key) <= set(self.components):
+            key = self.components
         if key not in self._cache:
-            m = load_model(self.model, components=comps, fmt=self.fmt, device=self.device, dtype=self.dtype,
+            m = load_model(self.model, components=key, fmt=self.fmt, device=self.device, dtype=self.dtype,
                            gguf=self.gguf)
             self._cache[key] = backends.create(self.backend, m, capture=False)
         return self._cache[key]
@@ -176,10 +181,11 @@ def parity_run(folder: str, model: Optional[str], backend: str, device: Optional
     paths = list_dumps(folder)
     if not paths:
         raise DumpError(f"{folder}: no *.safetensors dumps")
-    models = _Models(model, backend, device, dtype, fmt)
+    dumps = [read_dump(p) for p in paths]
+    comps = {c for d in dumps for c in STAGE_COMPONENTS.get(d.stage, ())}
+    models = _Models(model, backend, device, dtype, fmt, components=comps)
     reports: List[ParityReport] = []
-    for p in paths:
-        dump = read_dump(p)
+    for dump in dumps:
         rep, _ = run_parity(dump, models, atol, rtol)
         reports.append(rep)
         if verbose and not as_json:
