@@ -16,7 +16,8 @@ flow         pre-decoder part as written; the Euler step (CFG batch 2 + DiT + up
              compiled per length bucket (right padding, masked) and streaming flag; on CUDA
              the 10 steps captured as one graph per bucket.  See :mod:`backends.compiled_flow`.
 HiFT         conv stack compiled (dynamic length); F0 predictor compiled in float64; source,
-             STFT/iSTFT eager on the device; CUDA graph per repeated mel length.
+             STFT/iSTFT eager on the device; on CUDA the whole call captured as one graph
+             per repeated mel length (``hift_full_graph``).
 ===========  ==========================================================================
 
 Options (keyword arguments of ``backends.create("compiled", model, **options)``, or the
@@ -59,6 +60,10 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        conv1d, default on CPU).  Same sum in another order (round-off only).
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
+``hift_full_graph``    on CUDA, capture the whole vocoder call — F0 predictor, harmonic source,
+                       STFT, conv stack, iSTFT (written out without ``torch.istft``'s host-side
+                       window check) — as one graph per mel length and finalize flag, not only
+                       the conv stack (default True; off while taps are captured).
 
 dtypes: the model's dtype (``load_model(dtype=…)``): float32, bf16, fp16 for the LLM and the flow;
 HiFT's conv stack stays float32 unless ``hift_dtype`` says otherwise.  The model code keeps the
@@ -100,7 +105,7 @@ OPTION_DEFAULTS: Dict[str, Any] = {
     "mode": "default", "compile_backend": "inductor", "cuda_graphs": None, "exact_sampling": None,
     "stop_check_every": 16, "async_stop": None, "tf32": False, "prefill_buckets": DEFAULT_PREFILL_BUCKETS,
     "flow_buckets": DEFAULT_FLOW_BUCKETS, "flow_dynamic": False, "compile_f0": True, "hift_graph_after": 2,
-    "regional": True, "conv_pos": None,
+    "regional": True, "conv_pos": None, "hift_full_graph": True,
 }
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
@@ -178,7 +183,8 @@ class CompiledBackend(Backend):
         if self._hift is None:
             self._hift = HiftRunner(self._need("hift"), self.compiler, cuda_graphs=self.opts["cuda_graphs"],
                                     compile_f0=bool(self.opts["compile_f0"]),
-                                    graph_after=int(self.opts["hift_graph_after"]))
+                                    graph_after=int(self.opts["hift_graph_after"]),
+                                    full_graph=bool(self.opts["hift_full_graph"]))
         return self._hift
 
     # -- LLM --------------------------------------------------------------------------------

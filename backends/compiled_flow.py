@@ -155,7 +155,7 @@ class HiftRunner:
     """Compiled HiFT decode (see the module docstring for what is compiled, graphed or eager)."""
 
     def __init__(self, hift: torch.nn.Module, compiler: Compiler, *, cuda_graphs: bool, compile_f0: bool = True,
-                 graph_after: int = 2, graph_max: int = 4) -> None:
+                 graph_after: int = 2, graph_max: int = 4, full_graph: bool = True) -> None:
         self.hift = hift
         self.device = hift.conv_pre.weight.device
         self.compiler = compiler
@@ -165,6 +165,10 @@ class HiftRunner:
         self._dynamic = compiler.backend != "none"
         self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
         self.graphs = GraphCache(max_size=graph_max, after=graph_after)
+        # full_graph: the whole call (F0, source, STFT, conv stack, iSTFT) as one graph per mel
+        # length; without it only the conv stack is captured and the rest launches from Python
+        self.full_graph = bool(full_graph) and self.graphs_on
+        self.full_graphs = GraphCache(max_size=graph_max, after=graph_after)
 
     def _mark(self, *ts: Tensor) -> None:
         if self._dynamic:
@@ -194,11 +198,33 @@ class HiftRunner:
             mag, ph = g(*args)
             return mag.clone(), ph.clone()
 
+    def whole_call(self, mel: Tensor, rand_ini: Tensor, sine: Tensor, uv: Tensor,
+                   finalize: bool) -> Tuple[Tensor, Tensor]:
+        """mel + source-noise tables -> (waveform, source): the vocoder call with no host sync (the
+        iSTFT written out, :func:`istft_overlap_add`), so that it can be captured as one graph."""
+        h = self.hift
+        f0 = self._f0_call if self._f0 is not None else None
+        mel_dec, s = h.source_excitation(mel, finalize=finalize, noise={"rand_ini": rand_ini, "sine": sine, "uv": uv},
+                                         f0_predictor=f0)
+        s_real, s_imag = h.source_stft(s)
+        magnitude, phase = self._body_dyn(mel_dec.to(h.dtype).contiguous(), s_real.contiguous(), s_imag.contiguous(),
+                                          finalize)
+        return h.synthesize(magnitude, phase, finalize, graph_safe=True), s
+
     @torch.inference_mode()
     def __call__(self, mel: Tensor, *, finalize: bool, noise: Optional[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
         h = self.hift
         if not mel.is_inference():  # one kind of tensor for the compiled code (no guard failure)
             mel = mel.clone()
+        if self.full_graph and not enabled():
+            tables = h.source_noise(mel.shape[-1], finalize, noise, mel.device)  # checks the input too
+            args = (mel.contiguous(), *(t.contiguous() for t in tables))
+            with paused():
+                g = self.full_graphs.get((mel.shape[-1], finalize), lambda: GraphedCall(
+                    lambda *a: self.whole_call(*a, finalize=finalize), args))
+                if g is not None:
+                    speech, s = g(*args)
+                    return speech.clone(), s.clone()
         f0 = self._f0_call if self._f0 is not None else None
         mel_dec, s = h.source_excitation(mel, finalize=finalize, noise=noise, f0_predictor=f0)
         s_real, s_imag = h.source_stft(s)

@@ -151,6 +151,23 @@ def test_conv_pos_as_matmul_passes_flow_dumps(t2w_model, fixtures):
         backends.create("compiled", t2w_model, conv_pos="fft")
 
 
+def test_hift_whole_call_matches_eager(t2w_model):
+    """The function the CUDA backend captures as one HiFT graph (source noise as inputs, iSTFT
+    written out) gives eager's waveform and source, both finalize modes."""
+    be = backends.create("compiled", t2w_model, capture=False, compile_backend="none")
+    h = t2w_model.hift
+    r = be.hift_runner
+    with torch.inference_mode():
+        for finalize in (True, False):
+            mel = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(3)) - 4.0
+            want, want_s = h.inference(mel, finalize=finalize)
+            tables = h.source_noise(mel.shape[-1], finalize, None, mel.device)
+            got, got_s = r.whole_call(mel, *tables, finalize=finalize)
+            assert got.shape == want.shape and got_s.shape == want_s.shape
+            torch.testing.assert_close(got_s, want_s, rtol=0, atol=0)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 # ----------------------------------------------------------------------------- padding
 
 
@@ -576,3 +593,20 @@ def test_cuda_half_precision(fixture_model_dir, fixtures, dtype):
     h = _dump(fixtures, "hift_full")
     speech, _ = be.hift(h.inputs["mel"].cuda())
     assert bool(torch.isfinite(speech).all())
+
+
+@cuda
+def test_cuda_hift_full_graph_replays_eager(fixture_model_dir):
+    """The whole-call HiFT graph (captured on the second call of a length) gives eager's waveform,
+    default noise tables and given noise alike, finalize true and false."""
+    m = load_model(fixture_model_dir, components=("hift",), device="cuda")
+    be = backends.create("compiled", m, capture=False, hift_graph_after=2)
+    assert be.hift_runner.full_graph
+    g = torch.Generator().manual_seed(5)
+    for finalize in (True, False):
+        mel = (torch.randn(1, 80, 48, generator=g) - 4.0).cuda()
+        want, _ = m.hift.inference(mel, finalize=finalize)
+        for _ in range(3):  # eager path, capture, replay
+            got, _ = be.hift(mel, finalize=finalize)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    assert len(be.hift_runner.full_graphs.graphs) == 2

@@ -311,6 +311,24 @@ def test_stft_istft_round_trip(hift, frames, seed, scale):
     assert (y - x).abs().max() <= 1e-5
 
 
+@settings(max_examples=40, deadline=None)
+@given(frames=st.integers(min_value=2, max_value=300), batch=st.integers(1, 2),
+       n_fft=st.sampled_from([8, 16, 32]), hop_div=st.sampled_from([2, 4]),
+       seed=st.integers(min_value=0, max_value=2**31 - 1))
+def test_istft_overlap_add_equals_torch_istft(frames, batch, n_fft, hop_div, seed):
+    """The graph-safe iSTFT is torch.istft (centre, periodic Hann, hop <= n_fft/2) up to round-off."""
+    from cosytools.models.hift import istft_overlap_add, stft_window
+
+    g = torch.Generator().manual_seed(seed)
+    nb, hop = n_fft // 2 + 1, n_fft // hop_div
+    real, imag = torch.randn(batch, nb, frames, generator=g), torch.randn(batch, nb, frames, generator=g)
+    win = stft_window(n_fft)
+    want = torch.istft(torch.complex(real, imag), n_fft, hop, n_fft, window=win, center=True)
+    got = istft_overlap_add(real, imag, n_fft, hop, win)
+    assert got.shape == want.shape == (batch, hop * (frames - 1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * (float(want.abs().max()) + 1e-3))
+
+
 def test_module_cast_keeps_device_of_fixed_dtype_parts():
     model = build_tiny().to("meta")
     assert {p.device.type for p in model.f0_predictor.parameters()} == {"meta"}

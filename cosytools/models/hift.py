@@ -49,6 +49,7 @@ __all__ = [
     "DefaultSourceNoise",
     "NOISE_TABLE_SAMPLES",
     "stft_window",
+    "istft_overlap_add",
 ]
 
 #: Length of upstream's fixed source-noise tables: 300 s at 24 kHz (whatever the sampling rate).
@@ -62,6 +63,23 @@ def _get_padding(kernel_size: int, dilation: int = 1) -> int:
 def stft_window(n_fft: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Periodic Hann window in float32 (equal to scipy ``get_window('hann', n, fftbins=True)``)."""
     return torch.hann_window(n_fft, periodic=True, dtype=torch.float64, device=device).to(torch.float32)
+
+
+def istft_overlap_add(real: torch.Tensor, imag: torch.Tensor, n_fft: int, hop: int,
+                      window: torch.Tensor) -> torch.Tensor:
+    """``torch.istft(torch.complex(real, imag), n_fft, hop, n_fft, window, center=True)`` written
+    out (inverse real FFT, windowed overlap-add, division by the summed squared window, centre
+    trim) for [B, n_fft/2+1, frames] -> [B, hop·(frames-1)].  Same arithmetic up to round-off,
+    but without ``torch.istft``'s window-envelope check, a host sync that CUDA graph capture
+    forbids (the envelope of a periodic Hann window with hop <= n_fft/2 is never zero)."""
+    frames = torch.fft.irfft(torch.complex(real, imag), n=n_fft, dim=1) * window.view(1, -1, 1)
+    count = frames.shape[2]
+    total = n_fft + hop * (count - 1)
+    y = F.fold(frames, output_size=(1, total), kernel_size=(1, n_fft), stride=(1, hop))
+    env = F.fold((window * window).view(1, -1, 1).expand(1, n_fft, count), output_size=(1, total),
+                 kernel_size=(1, n_fft), stride=(1, hop))
+    start = n_fft // 2
+    return (y[:, 0, 0, start:total - start] / env[:, 0, 0, start:total - start])
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,12 +581,19 @@ class CausalHiFTGenerator(nn.Module):
         tap("s_stft_imag", s_imag)
         return s_real, s_imag
 
-    def synthesize(self, magnitude: torch.Tensor, phase: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+    def synthesize(self, magnitude: torch.Tensor, phase: torch.Tensor, finalize: bool = True,
+                   graph_safe: bool = False) -> torch.Tensor:
         """The output of :meth:`decode_body` -> clamped waveform (iSTFT; without ``finalize`` the
-        last hop, which the next chunk recomputes, is cut), tapped."""
+        last hop, which the next chunk recomputes, is cut), tapped.  ``graph_safe``: the iSTFT as
+        :func:`istft_overlap_add` (no host sync; round-off differences only)."""
         tap("magnitude", magnitude)
         tap("phase", phase)
-        wav = self._istft(magnitude, phase)
+        if graph_safe:
+            m = torch.clip(magnitude, max=1e2)
+            wav = istft_overlap_add(m * torch.cos(phase), m * torch.sin(phase), self.n_fft, self.hop_len,
+                                    self.stft_window)
+        else:
+            wav = self._istft(magnitude, phase)
         tap("istft", wav)
         if not finalize:
             wav = wav[:, :wav.shape[1] - self.upsample_scale]
@@ -629,6 +654,17 @@ class CausalHiFTGenerator(nn.Module):
         mel, s = self.source_excitation(speech_feat, finalize=finalize, noise=noise)
         return self.decode(mel, s, finalize=finalize), s
 
+    def source_noise(self, frames: int, finalize: bool, noise: Optional[Dict[str, torch.Tensor]],
+                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The source-noise tables (rand_ini, sine, uv) a call on ``frames`` mel frames uses: the
+        given ``noise`` (checked, cut) or the fixed default tables."""
+        f0_look_ahead = self._f0_predictor_f64().condnet[0].causal_padding
+        min_frames = 1 if finalize else f0_look_ahead + self.conv_pre_look_right + 1
+        if frames < min_frames:
+            raise InputError(f"HiFT mel has {frames} frames; finalize={finalize} needs at least {min_frames}")
+        f0_frames = frames if finalize else frames - f0_look_ahead
+        return self._noise_tables(f0_frames * self.upsample_scale, noise, device)
+
     def source_excitation(self, speech_feat: torch.Tensor, finalize: bool = True,
                           noise: Optional[Dict[str, torch.Tensor]] = None,
                           f0_predictor: Optional[Callable[..., torch.Tensor]] = None
@@ -646,14 +682,8 @@ class CausalHiFTGenerator(nn.Module):
         f0_look_ahead = f0p.condnet[0].causal_padding
         if speech_feat.dim() != 3 or speech_feat.shape[1] != self.conv_pre.in_channels:
             raise InputError(f"HiFT mel must be [B, {self.conv_pre.in_channels}, T], got {list(speech_feat.shape)}")
-        frames = speech_feat.shape[2]
-        min_frames = 1 if finalize else f0_look_ahead + self.conv_pre_look_right + 1
-        if frames < min_frames:
-            raise InputError(f"HiFT mel has {frames} frames; finalize={finalize} needs at least {min_frames}")
-        f0_frames = frames if finalize else frames - f0_look_ahead
-        num_samples = f0_frames * self.upsample_scale
         # checked before any compute (raises for > 300 s with the default tables)
-        rand_ini, sine_noise, uv_noise = self._noise_tables(num_samples, noise, speech_feat.device)
+        rand_ini, sine_noise, uv_noise = self.source_noise(speech_feat.shape[2], finalize, noise, speech_feat.device)
 
         # upstream: the F0 predictor's precision is crucial for causal inference -> float64
         f0_64 = (f0p if f0_predictor is None else f0_predictor)(speech_feat.to(torch.float64), finalize=finalize)
