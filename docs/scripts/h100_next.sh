@@ -10,7 +10,7 @@
 # Usage: bash docs/scripts/h100_next.sh OUT_DIR     (repository root, on the GPU machine)
 set -u -o pipefail
 OUT=${1:?output folder}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures/cv3-tiny
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures
 PY="python3 -m cosytools"
 W=/tmp/run; mkdir -p "$OUT" $W
 F=.gpu/fixtures/cv3-tiny
