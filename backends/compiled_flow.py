@@ -220,8 +220,14 @@ class HiftRunner:
             tables = h.source_noise(mel.shape[-1], finalize, noise, mel.device)  # checks the input too
             args = (mel.contiguous(), *(t.contiguous() for t in tables))
             with paused():
-                g = self.full_graphs.get((mel.shape[-1], finalize), lambda: GraphedCall(
-                    lambda *a: self.whole_call(*a, finalize=finalize), args))
+                try:
+                    g = self.full_graphs.get((mel.shape[-1], finalize), lambda: GraphedCall(
+                        lambda *a: self.whole_call(*a, finalize=finalize), args))
+                except RuntimeError as e:  # an op that cannot be captured here: keep the per-part path
+                    log.warning("HiFT: capturing the whole call as one CUDA graph failed (%s); capturing only "
+                                "the convolution stack from now on (hift_full_graph=False)", str(e).splitlines()[0])
+                    self.full_graph = False
+                    g = None
                 if g is not None:
                     speech, s = g(*args)
                     return speech.clone(), s.clone()

@@ -168,6 +168,20 @@ def test_hift_whole_call_matches_eager(t2w_model):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def test_hift_whole_call_capture_failure_falls_back(t2w_model, caplog):
+    """If the whole-call graph cannot be captured (forced here on CPU, where any capture fails),
+    the runner warns once, turns the whole-call graph off and returns the per-part result."""
+    be = backends.create("compiled", t2w_model, capture=False, compile_backend="none", hift_graph_after=1)
+    r = be.hift_runner
+    r.full_graph = True
+    mel = torch.randn(1, 80, 30, generator=torch.Generator().manual_seed(4)) - 4.0
+    with caplog.at_level("WARNING", logger="backends.compiled_flow"):
+        got, _ = be.hift(mel)
+    assert not r.full_graph and "capturing the whole call" in caplog.text
+    want, _ = t2w_model.hift.inference(mel)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 # ----------------------------------------------------------------------------- padding
 
 
