@@ -76,8 +76,12 @@ class FlowRunner:
         self._step = self.euler_step if self.regional else compiler(self.euler_step, dynamic=dyn)
         if conv_pos not in ("conv", "matmul"):
             raise ValueError(f"conv_pos must be 'conv' or 'matmul', got {conv_pos!r}")
-        # the DiT position embedding's grouped convs: cuDNN's kernel, or im2col + one batched matmul
-        self._conv_fn = grouped_conv1d_as_matmul if conv_pos == "matmul" else None
+        # the DiT position embedding's grouped convs: cuDNN's kernel, or im2col + one batched matmul;
+        # under regional compilation the glue around the blocks is not compiled, so the im2col
+        # function is a region of its own (one graph for both convs: the conv is an input)
+        self._conv_fn = None
+        if conv_pos == "matmul":
+            self._conv_fn = compiler(grouped_conv1d_as_matmul, dynamic=dyn) if self.regional else grouped_conv1d_as_matmul
         self.graphs = GraphCache(max_size=32, after=1)
 
     def bucket_len(self, length: int) -> int:

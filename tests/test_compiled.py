@@ -22,7 +22,7 @@ from backends.compiled_util import as_tuple, bucket, parse_option_string, pow2_b
 from cosytools.cli import main
 from cosytools.errors import ConfigError
 from cosytools.loading import load_model
-from cosytools.models.dit import dit_attention_mask
+from cosytools.models.dit import dit_attention_mask, grouped_conv1d_as_matmul
 from cosytools.models.sampling import ras_sampling
 from parity.dump import read_dump
 from parity.metrics import compare_tensor, default_tolerance
@@ -149,6 +149,22 @@ def test_conv_pos_as_matmul_passes_flow_dumps(t2w_model, fixtures):
         assert rep.passed and not bad, (name, bad)
     with pytest.raises(ConfigError, match="conv_pos"):
         backends.create("compiled", t2w_model, conv_pos="fft")
+    # regional: the im2col convolution is compiled as its own region, and still passes
+    from torch._dynamo.testing import CompileCounter
+
+    rb = backends.create("compiled", t2w_model, capture=False, compile_backend="aot_eager", regional=True,
+                         conv_pos="matmul", flow_buckets=(256,))
+    assert rb.flow_runner._conv_fn is not grouped_conv1d_as_matmul
+    rep, bad = _passes(rb, _dump(fixtures, "flow_stream_0"))
+    assert rep.passed and not bad, bad
+    cnt = CompileCounter()
+    fn = torch.compile(grouped_conv1d_as_matmul, backend=cnt, fullgraph=True)
+    pe = t2w_model.flow.decoder.estimator.input_embed.conv_pos_embed
+    with torch.inference_mode():
+        x = torch.randn(2, pe.conv1[0].in_channels, 40 + pe.kernel_size - 1)
+        for conv in (pe.conv1[0], pe.conv2[0]):
+            torch.testing.assert_close(fn(x, conv), conv(x), rtol=1e-5, atol=1e-5)
+    assert cnt.frame_count == 1  # one graph serves both convolutions
 
 
 def test_hift_whole_call_matches_eager(t2w_model):
