@@ -58,6 +58,7 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
                        kernel took ~580 us per call on an H100 in bf16) or ``conv`` (the module's
                        conv1d, default on CPU).  Same sum in another order (round-off only).
+                       Under ``regional`` the im2col function is compiled as a region of its own.
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
 ``hift_full_graph``    on CUDA, capture the whole vocoder call — F0 predictor, harmonic source,
