@@ -57,7 +57,10 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
 ``conv_pos``           the DiT position embedding's two grouped convolutions (16 groups, 31 taps):
                        ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
                        kernel took ~580 us per call on an H100 in bf16) or ``conv`` (the module's
-                       conv1d, default on CPU).  Same sum in another order (round-off only).
+                       conv1d, default on CPU), or ``triton`` (a direct Triton kernel that reads the
+                       input once instead of writing the 31-tap im2col copy; falls back to
+                       ``matmul`` where Triton or the group width does not suit, see
+                       :mod:`backends.triton_conv`).  Same sum in another order (round-off only).
                        Under ``regional`` the im2col function is compiled as a region of its own.
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
@@ -92,7 +95,7 @@ from cosytools.errors import ConfigError
 from cosytools.models.llm import TeacherForcedResult
 
 from .base import Backend, LLMSession, as_ids
-from .compiled_flow import FlowRunner, HiftRunner
+from .compiled_flow import CONV_POS, FlowRunner, HiftRunner
 from .compiled_llm import LLMRunner
 from .compiled_util import Compiler, Timer, as_tuple, parse_option_string, sync
 
@@ -134,8 +137,9 @@ class CompiledBackend(Backend):
         o["exact_sampling"] = bool((not cuda) if o["exact_sampling"] is None else o["exact_sampling"])
         o["async_stop"] = bool(cuda if o["async_stop"] is None else o["async_stop"]) and cuda
         o["conv_pos"] = str(o["conv_pos"] or ("matmul" if cuda else "conv"))
-        if o["conv_pos"] not in ("conv", "matmul"):
-            raise ConfigError(f"compiled backend: conv_pos must be 'conv' or 'matmul', got {o['conv_pos']!r}")
+        if o["conv_pos"] not in CONV_POS:
+            raise ConfigError(f"compiled backend: conv_pos must be one of {', '.join(CONV_POS)}, "
+                              f"got {o['conv_pos']!r}")
         o["prefill_buckets"] = as_tuple(o["prefill_buckets"])
         o["flow_buckets"] = as_tuple(o["flow_buckets"])
         o["stop_check_every"] = int(o["stop_check_every"])

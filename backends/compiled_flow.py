@@ -35,7 +35,10 @@ from cosytools.taps import enabled, paused, tap
 
 from .compiled_util import Compiler, GraphCache, GraphedCall, bucket
 
-__all__ = ["FlowRunner", "HiftRunner"]
+__all__ = ["FlowRunner", "HiftRunner", "CONV_POS"]
+
+#: how the DiT position embedding's grouped convolutions run (option ``conv_pos``)
+CONV_POS = ("conv", "matmul", "triton")
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +77,17 @@ class FlowRunner:
         dyn = None if self.dynamic else False
         self._block = compiler(_run_block, dynamic=dyn) if self.regional else None
         self._step = self.euler_step if self.regional else compiler(self.euler_step, dynamic=dyn)
-        if conv_pos not in ("conv", "matmul"):
-            raise ValueError(f"conv_pos must be 'conv' or 'matmul', got {conv_pos!r}")
+        if conv_pos not in CONV_POS:
+            raise ValueError(f"conv_pos must be one of {', '.join(CONV_POS)}, got {conv_pos!r}")
         # the DiT position embedding's grouped convs: cuDNN's kernel, or im2col + one batched matmul;
         # under regional compilation the glue around the blocks is not compiled, so the im2col
         # function is a region of its own (one graph for both convs: the conv is an input)
         self._conv_fn = None
         if conv_pos == "matmul":
             self._conv_fn = compiler(grouped_conv1d_as_matmul, dynamic=dyn) if self.regional else grouped_conv1d_as_matmul
+        elif conv_pos == "triton":  # a direct kernel, one opaque custom op (backends.triton_conv)
+            from .triton_conv import conv_fn as triton_conv_fn
+            self._conv_fn = triton_conv_fn
         self.graphs = GraphCache(max_size=32, after=1)
 
     def bucket_len(self, length: int) -> int:

@@ -7,7 +7,8 @@
 #           per folder; the last attempt timed out at 90 s while it still compiled per stage);
 #   part 2: eager bf16 + compiled bf16 --stream (new since the last figures: whole-call HiFT
 #           graph; flow + HiFT target 40 ms, was 46), the same with 64-frame flow buckets (650
-#           frames pad to 704, not 768), and the stop-check schemes (sync every k / async).
+#           frames pad to 704, not 768), with the Triton position-embedding conv
+#           (conv_pos=triton), and the stop-check schemes (sync every k / async).
 # Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2}    (repository root, on the GPU machine)
 set -u -o pipefail
 OUT=${1:?output folder}; PART=${2:?part 1 or 2}
@@ -30,10 +31,13 @@ else
   timeout ${T4:-170} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --stream --option tf32=true \
     --json "$OUT/bf16_compiled.json" 2>&1 | grep -v -i warn | tee $W/bf16_compiled.txt | grep -v "^INFO"
   FB=$(seq -s: 64 64 1024):1280:1536:2048:3072
-  timeout ${T5:-120} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true \
+  timeout ${T5:-100} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true \
     --option flow_buckets=$FB --json "$OUT/bf16_compiled_buckets64.json" 2>&1 | grep -v -i warn \
     | tee $W/bf16_buckets64.txt | grep -v "^INFO"
-  timeout ${T6:-90} python3 docs/scripts/stop_check.py --model /tmp/cv3-full --device cuda --dtype bf16 \
+  timeout ${T6:-100} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true \
+    --option conv_pos=triton --json "$OUT/bf16_compiled_triton_conv.json" 2>&1 | grep -v -i warn \
+    | tee $W/bf16_triton_conv.txt | grep -v "^INFO"
+  timeout ${T7:-80} python3 docs/scripts/stop_check.py --model /tmp/cv3-full --device cuda --dtype bf16 \
     --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt
 fi
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
