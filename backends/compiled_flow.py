@@ -15,10 +15,11 @@ HiFT: the convolution stack (``CausalHiFTGenerator.decode_body``: conv_pre … c
 is compiled (automatic dynamic shapes: one graph for all lengths after the second length);
 the F0 predictor is compiled too and stays float64 (``compile_f0=False`` keeps it eager); the
 harmonic source (float64-accumulated phase, device-independent by design) and the STFT/iSTFT
-(complex tensors, which inductor does not lower) run eagerly on the model's device.  On CUDA
-the compiled conv stack is captured as a CUDA graph per exact mel length once that length
-has been seen ``hift_graph_after`` times (streaming chunks repeat lengths; one-off lengths are
-not worth a capture and its memory pool).
+(complex tensors, which inductor does not lower) run eagerly on the model's device.  On CUDA,
+once a mel length has been seen ``hift_graph_after`` times (streaming chunks repeat lengths;
+one-off lengths are not worth a capture and its memory pool), the whole call — F0, source,
+STFT, conv stack and an iSTFT written out without ``torch.istft``'s host-side check — is
+captured as one CUDA graph for that length (``hift_full_graph``; off: only the conv stack).
 """
 from __future__ import annotations
 
