@@ -53,7 +53,9 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        Cuts compile time roughly by the layer count (H100, full model, bf16:
                        warm-up 70 s against 195 s for whole steps); loses fusion across layer
                        boundaries and leaves the glue between layers uncompiled (inside the CUDA
-                       graph on GPU).  ``False``: whole steps compiled.
+                       graph on GPU).  ``False``: whole steps compiled; ``llm`` / ``flow``: only
+                       that part regional, the other compiled as whole steps (the LLM's whole
+                       decode step is the slow one to build: 134 s of 195 s on the H100).
 ``conv_pos``           the DiT position embedding's two grouped convolutions (16 groups, 31 taps):
                        ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
                        kernel took ~580 us per call on an H100 in bf16) or ``conv`` (the module's
@@ -118,6 +120,17 @@ log = logging.getLogger(__name__)
 
 
 
+def _regional_parts(value: Any) -> Tuple[str, ...]:
+    """The ``regional`` option as the parts it applies to: True -> (llm, flow), False -> ()."""
+    if isinstance(value, str) and value.lower() in ("llm", "flow"):
+        return (value.lower(),)
+    if isinstance(value, (bool, int)) and not isinstance(value, str):
+        return ("llm", "flow") if value else ()
+    if isinstance(value, (tuple, list)) and set(value) <= {"llm", "flow"}:
+        return tuple(value)
+    raise ConfigError(f"compiled backend: regional must be true, false, llm or flow, got {value!r}")
+
+
 class CompiledBackend(Backend):
     """torch.compile + CUDA graphs over the model's own modules (options: see the module docstring)."""
 
@@ -136,6 +149,7 @@ class CompiledBackend(Backend):
         o["cuda_graphs"] = bool(cuda if o["cuda_graphs"] is None else o["cuda_graphs"]) and cuda
         o["exact_sampling"] = bool((not cuda) if o["exact_sampling"] is None else o["exact_sampling"])
         o["async_stop"] = bool(cuda if o["async_stop"] is None else o["async_stop"]) and cuda
+        o["regional"] = _regional_parts(o["regional"])
         o["conv_pos"] = str(o["conv_pos"] or ("matmul" if cuda else "conv"))
         if o["conv_pos"] not in CONV_POS:
             raise ConfigError(f"compiled backend: conv_pos must be one of {', '.join(CONV_POS)}, "
@@ -162,6 +176,7 @@ class CompiledBackend(Backend):
         d = super().describe()
         for k in ("prefill_buckets", "flow_buckets"):
             d[k] = ":".join(str(x) for x in self.opts[k]) or "exact"
+        d["regional"] = ",".join(self.opts["regional"]) or "off"
         return d
 
     # -- parts (built on first use) -------------------------------------------------------
@@ -172,7 +187,7 @@ class CompiledBackend(Backend):
             self._llm = LLMRunner(self._need("llm"), self.compiler, prefill_buckets=o["prefill_buckets"],
                                   cuda_graphs=o["cuda_graphs"], exact_sampling=o["exact_sampling"],
                                   stop_check_every=o["stop_check_every"], async_stop=o["async_stop"],
-                                  regional=bool(o["regional"]))
+                                  regional="llm" in o["regional"])
         return self._llm
 
     @property
@@ -180,7 +195,7 @@ class CompiledBackend(Backend):
         if self._flow is None:
             self._flow = FlowRunner(self._need("flow"), self.compiler, buckets=self.opts["flow_buckets"],
                                     cuda_graphs=self.opts["cuda_graphs"], dynamic=bool(self.opts["flow_dynamic"]),
-                                    regional=bool(self.opts["regional"]), conv_pos=self.opts["conv_pos"])
+                                    regional="flow" in self.opts["regional"], conv_pos=self.opts["conv_pos"])
         return self._flow
 
     @property

@@ -140,6 +140,18 @@ def test_regional_compilation_traces_one_layer_and_passes(llm_model, t2w_model, 
     assert rep.passed and not bad, bad
 
 
+def test_regional_option_per_part(llm_model, t2w_model):
+    """``regional`` = true / false / llm / flow picks which parts compile one layer or block."""
+    cases = {True: (True, True), False: (False, False), "llm": (True, False), "flow": (False, True)}
+    for value, (want_llm, want_flow) in cases.items():
+        lb = backends.create("compiled", llm_model, capture=False, compile_backend="aot_eager", regional=value)
+        fb = backends.create("compiled", t2w_model, capture=False, compile_backend="aot_eager", regional=value)
+        assert lb.llm_runner.regional == want_llm and fb.flow_runner.regional == want_flow, value
+    assert backends.create("compiled", llm_model, regional="llm").describe()["regional"] == "llm"
+    with pytest.raises(ConfigError, match="regional"):
+        backends.create("compiled", llm_model, regional="dit")
+
+
 def test_conv_pos_as_matmul_passes_flow_dumps(t2w_model, fixtures):
     """``conv_pos=matmul`` (the CUDA default) meets the eager flow tolerances on the dumps."""
     be = backends.create("compiled", t2w_model, capture=False, conv_pos="matmul", **CHEAP)

@@ -1,44 +1,49 @@
 #!/usr/bin/env bash
-# The device runs planned for the next session (issue 5), two calls of < 10 minutes each; each
+# The device runs planned for the next session (issue 5): three calls of < 10 minutes each; each
 # step has its own limit and writes its results as it finishes; carry .gpu (the tiny fixtures).
 #   part 1: the CUDA-only tests (graphs, device sampling, half precision, the whole-call HiFT
-#           graph — never run yet) and fixture parity of the default (regional) inductor build
-#           on the GPU, bf16 with TF32 HiFT and float32 (`parity run` now compiles each part once
-#           per folder; the last attempt timed out at 90 s while it still compiled per stage);
+#           graph and the Triton conv kernel — both never run on a GPU yet) and fixture parity
+#           of the default (regional) inductor build on the GPU, bf16 with TF32 HiFT and float32
+#           (`parity run` now compiles each part once per folder; the last attempt timed out at
+#           90 s while it still compiled per stage);
 #   part 2: eager bf16 + compiled bf16 --stream (new since the last figures: whole-call HiFT
-#           graph; flow + HiFT target 40 ms, was 46), the same with 64-frame flow buckets (650
-#           frames pad to 704, not 768), with the Triton position-embedding conv
-#           (conv_pos=triton), and the stop-check schemes (sync every k / async).
-# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2}    (repository root, on the GPU machine)
+#           graph; flow + HiFT target 40 ms, was 46), then with 64-frame flow buckets (650
+#           frames pad to 704, not 768);
+#   part 3: compiled bf16 with the Triton position-embedding conv (conv_pos=triton), with the
+#           flow compiled as whole steps (regional=llm), and the stop-check schemes.
+# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3}    (repository root, on the GPU machine)
 set -u -o pipefail
-OUT=${1:?output folder}; PART=${2:?part 1 or 2}
+OUT=${1:?output folder}; PART=${2:?part 1, 2 or 3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures
 PY="python3 -m cosytools"
 W=/tmp/run; mkdir -p "$OUT" $W
 F=.gpu/fixtures/cv3-tiny
-if [ "$PART" = 1 ]; then
+B="--model /tmp/cv3-full --device cuda --speech-tokens 250 --prompt-seconds 3 --text-tokens 60 --dtype bf16"
+bench_compiled() {  # NAME TIMEOUT [bench args]
+  local name=$1 t=$2; shift 2
+  timeout "$t" $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true "$@" \
+    --json "$OUT/$name.json" 2>&1 | grep -v -i warn | tee "$W/$name.txt" | grep -v "^INFO"
+}
+case "$PART" in
+1)
   timeout ${T0:-200} python3 -m pytest -q -x tests/test_compiled.py -k cuda -p no:cacheprovider > $W/cuda_tests.txt 2>&1
   tail -3 $W/cuda_tests.txt
   COSYTOOLS_COMPILED=tf32=true timeout ${T1:-180} $PY parity run $F/refs --model $F/model --backend compiled \
     --device cuda --dtype bf16 > $W/parity_compiled_bf16.txt 2>&1; tail -3 $W/parity_compiled_bf16.txt
   timeout ${T2:-150} $PY parity run $F/refs --model $F/model --backend compiled --device cuda --dtype float32 \
-    > $W/parity_compiled_fp32.txt 2>&1; tail -3 $W/parity_compiled_fp32.txt
-else
+    > $W/parity_compiled_fp32.txt 2>&1; tail -3 $W/parity_compiled_fp32.txt ;;
+2)
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
-  B="--model /tmp/cv3-full --device cuda --speech-tokens 250 --prompt-seconds 3 --text-tokens 60 --dtype bf16"
   timeout ${T3:-60} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
     | grep -v -i warn > $W/bf16_eager.txt
-  timeout ${T4:-170} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --stream --option tf32=true \
-    --json "$OUT/bf16_compiled.json" 2>&1 | grep -v -i warn | tee $W/bf16_compiled.txt | grep -v "^INFO"
-  FB=$(seq -s: 64 64 1024):1280:1536:2048:3072
-  timeout ${T5:-100} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true \
-    --option flow_buckets=$FB --json "$OUT/bf16_compiled_buckets64.json" 2>&1 | grep -v -i warn \
-    | tee $W/bf16_buckets64.txt | grep -v "^INFO"
-  timeout ${T6:-100} $PY -v bench --backend compiled $B --warmup 1 --repeat 3 --option tf32=true \
-    --option conv_pos=triton --json "$OUT/bf16_compiled_triton_conv.json" 2>&1 | grep -v -i warn \
-    | tee $W/bf16_triton_conv.txt | grep -v "^INFO"
-  timeout ${T7:-80} python3 docs/scripts/stop_check.py --model /tmp/cv3-full --device cuda --dtype bf16 \
-    --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt
-fi
+  bench_compiled bf16_compiled ${T4:-200} --stream
+  bench_compiled bf16_compiled_buckets64 ${T5:-150} --option flow_buckets=$(seq -s: 64 64 1024):1280:1536:2048:3072 ;;
+3)
+  timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
+  bench_compiled bf16_compiled_triton_conv ${T6:-150} --option conv_pos=triton
+  bench_compiled bf16_compiled_flow_whole ${T7:-200} --option regional=llm
+  timeout ${T8:-90} python3 docs/scripts/stop_check.py --model /tmp/cv3-full --device cuda --dtype bf16 \
+    --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt ;;
+esac
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
 ls -la "$OUT"
