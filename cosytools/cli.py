@@ -58,7 +58,9 @@ MODEL_HELP = "Model dir (upstream layout), or 'tiny' / 'full' for a built-in ran
               help="Upper bound on speech tokens per text segment (25 per second).")
 @click.option("--min-tokens", type=int, default=None,
               help="Lower bound on speech tokens per segment (all stop ids are masked until then).")
-@click.option("--speaker", default=None, help="Speaker id from spk2info.pt (sft mode); default: zero embedding.")
+@click.option("--speaker", default=None, help="Speaker id from spk2info.pt. sft: its embedding (default: zero "
+              "embedding); zero_shot / cross_lingual: a speaker saved with `cosytools speaker add`, instead of "
+              "--prompt-wav (and --prompt-text).")
 @click.option("--prompt-text", default=None, help="zero_shot: instruction, <|endofprompt|> and the transcript of "
               "--prompt-wav. sft: optional LLM prompt text.")
 @click.option("--prompt-wav", type=click.Path(dir_okay=False), default=None,
@@ -95,6 +97,7 @@ def synth_cmd(text: Optional[str], output: str, mode: str, model: str, backend: 
       cosytools synth "Hi there." --speaker spk1 --model ./cv3                      # sft
       cosytools synth "Nice to meet you." --mode zero_shot --prompt-wav me.wav \\
           --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript of me.wav."
+      cosytools synth "Nice to meet you again." --mode zero_shot --speaker me   # saved: `speaker add`
       cosytools synth "You are a helpful assistant.<|endofprompt|>Bonjour." --mode cross_lingual --prompt-wav me.wav
       cosytools synth "Good news!" --mode instruct --instruct "Speak cheerfully." --prompt-wav me.wav
       cosytools synth --mode vc --source-wav src.wav --prompt-wav me.wav -o converted.wav
@@ -116,9 +119,10 @@ def synth_cmd(text: Optional[str], output: str, mode: str, model: str, backend: 
         out = pipe.sft(text, speaker, stream=stream, speed=speed, text_frontend=tf, prompt_text=prompt_text,
                        add_default_instruction=not strict_prompt, **gen)
     elif mode == "zero_shot":
-        out = pipe.zero_shot(text, prompt_text, prompt_wav, stream=stream, speed=speed, text_frontend=tf, **gen)
+        out = pipe.zero_shot(text, prompt_text, prompt_wav, speaker=speaker, stream=stream, speed=speed,
+                             text_frontend=tf, **gen)
     elif mode == "cross_lingual":
-        out = pipe.cross_lingual(text, prompt_wav, stream=stream, speed=speed, text_frontend=tf,
+        out = pipe.cross_lingual(text, prompt_wav, speaker=speaker, stream=stream, speed=speed, text_frontend=tf,
                                  add_default_instruction=not strict_prompt, **gen)
     elif mode == "instruct":
         out = pipe.instruct(text, instruct_text, prompt_wav, stream=stream, speed=speed, text_frontend=tf, **gen)
@@ -170,12 +174,18 @@ def _check_synth_args(mode: str, text: Optional[str], speaker: Optional[str], pr
     """Usage errors (exit 2) for option combinations a mode does not take."""
     given = {"--speaker": speaker, "--prompt-text": prompt_text, "--prompt-wav": prompt_wav,
              "--instruct": instruct_text, "--source-wav": source_wav}
-    allowed = {"sft": {"--speaker", "--prompt-text"}, "zero_shot": {"--prompt-text", "--prompt-wav"},
-               "cross_lingual": {"--prompt-wav"}, "instruct": {"--instruct", "--prompt-wav"},
-               "vc": {"--prompt-wav", "--source-wav"}}[mode]
-    required = {"sft": set(), "zero_shot": {"--prompt-text", "--prompt-wav"}, "cross_lingual": {"--prompt-wav"},
+    saved = speaker is not None and mode in ("zero_shot", "cross_lingual")  # a saved zero-shot speaker
+    allowed = {"sft": {"--speaker", "--prompt-text"},
+               "zero_shot": {"--speaker"} if saved else {"--prompt-text", "--prompt-wav", "--speaker"},
+               "cross_lingual": {"--speaker"} if saved else {"--prompt-wav", "--speaker"},
+               "instruct": {"--instruct", "--prompt-wav"}, "vc": {"--prompt-wav", "--source-wav"}}[mode]
+    required = {"sft": set(), "zero_shot": set() if saved else {"--prompt-text", "--prompt-wav"},
+                "cross_lingual": set() if saved else {"--prompt-wav"},
                 "instruct": {"--instruct", "--prompt-wav"}, "vc": {"--prompt-wav", "--source-wav"}}[mode]
     extra = sorted(k for k, v in given.items() if v is not None and k not in allowed)
+    if extra and saved:
+        raise click.UsageError(f"--mode {mode} with --speaker (a saved zero-shot speaker) does not take "
+                               f"{', '.join(extra)}: the speaker carries its prompt")
     if extra:
         raise click.UsageError(f"--mode {mode} does not take {', '.join(extra)} (it takes "
                                f"{', '.join(sorted(allowed)) or 'no prompt options'})")
@@ -235,6 +245,67 @@ def inspect_cmd(model: str, fmt: str, as_json: bool) -> None:
         click.echo(f"  {comp:5s} {c['class']:<26s} {c['parameters']:>13,d} params  {c['file']}")
     for k, v in info["hyperparameters"].items():
         click.echo(f"  {k}: {v}")
+
+
+@cli.group("speaker")
+def speaker_group() -> None:
+    """Saved zero-shot speakers (the model dir's spk2info.pt, upstream's add_zero_shot_spk)."""
+
+
+@speaker_group.command("add")
+@click.argument("name")
+@click.option("--prompt-wav", type=click.Path(dir_okay=False), required=True,
+              help="Recording of the voice, 3-10 s, >= 16 kHz WAV.")
+@click.option("--prompt-text", required=True,
+              help="Instruction, <|endofprompt|> and the transcript of --prompt-wav.")
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="File to write (default: the model dir's spk2info.pt, whose speakers are kept).")
+@click.option("--no-text-frontend", is_flag=True, help="Do not normalise --prompt-text.")
+def speaker_add_cmd(name: str, prompt_wav: str, prompt_text: str, model: str, output: Optional[str],
+                    no_text_frontend: bool) -> None:
+    """Compute the zero-shot prompt of a recording once and save it as speaker NAME.
+
+    Then `synth --mode zero_shot --speaker NAME` (or cross_lingual) reuses it without the audio,
+    as upstream's inference_zero_shot(..., zero_shot_spk_id=NAME). An existing NAME is replaced.
+
+    \b
+    Example:
+      cosytools speaker add me --prompt-wav me.wav --prompt-text "You are a helpful assistant.<|endofprompt|>Transcript."
+    """
+    from .frontend.frontend import Frontend
+    from .loading import resolve_model_dir
+
+    fe = Frontend(resolve_model_dir(model))
+    text = fe.normalize(prompt_text, split=False, text_frontend=not no_text_frontend)
+    entry = fe.add_speaker(name, text, prompt_wav)
+    path = fe.save_speakers(output)
+    tokens = entry["flow_prompt_speech_token"].shape[1]
+    click.echo(f"saved speaker {name!r} ({tokens} prompt speech tokens, {tokens / 25:.2f} s) to {path}; "
+               f"speakers there: {', '.join(fe.speakers())}")
+
+
+@speaker_group.command("list")
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def speaker_list_cmd(model: str, as_json: bool) -> None:
+    """List the speakers of the model dir's spk2info.pt (sft: embedding only; zero-shot: with prompt)."""
+    from .frontend.frontend import Frontend
+    from .loading import resolve_model_dir
+
+    fe = Frontend(resolve_model_dir(model))
+    rows = []
+    for name in fe.speakers():
+        entry = fe.spk2info[name]
+        kind = "zero_shot" if isinstance(entry, dict) and "prompt_speech_feat" in entry else "sft"
+        rows.append({"speaker": name, "kind": kind})
+    if as_json:
+        _emit_json({"model_dir": str(fe.model_dir), "speakers": rows})
+        return
+    if not rows:
+        click.echo(f"no speakers in {fe.model_dir / 'spk2info.pt'}")
+    for r in rows:
+        click.echo(f"{r['speaker']}\t{r['kind']}")
 
 
 @cli.command("backends")

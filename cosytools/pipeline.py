@@ -512,16 +512,25 @@ class Pipeline:
                                      flow_embedding=emb, segment=seg))
         return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
 
-    def zero_shot(self, text: str, prompt_text: str, prompt_wav: "Union[AudioInput, PromptAudio]", *,
+    def zero_shot(self, text: str, prompt_text: Optional[str] = None,
+                  prompt_wav: "Optional[Union[AudioInput, PromptAudio]]" = None, *, speaker: Optional[str] = None,
                   stream: bool = False, speed: float = 1.0, seed: int = 0, min_tokens: Optional[int] = None,
                   max_tokens: Optional[int] = None,
                   text_frontend: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
         """Clone the voice of ``prompt_wav``; ``prompt_text`` is an instruction, ``<|endofprompt|>`` and the
-        prompt's transcript (``'You are a helpful assistant.<|endofprompt|>' + transcript``)."""
+        prompt's transcript (``'You are a helpful assistant.<|endofprompt|>' + transcript``).  Or, instead
+        of both, ``speaker``: a zero-shot speaker saved in ``spk2info.pt`` (upstream ``zero_shot_spk_id``)."""
         from .frontend.frontend import check_prompt_text
 
         fe = self.frontend
         t0 = time.perf_counter()
+        if speaker is not None:
+            if prompt_text is not None or prompt_wav is not None:
+                raise InputError("zero-shot: give either a saved speaker or prompt text + prompt audio, not both")
+            inputs = [fe.frontend_zero_shot_speaker(seg, speaker) for seg in fe.segments(text, text_frontend)]
+            return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
+        if prompt_text is None or prompt_wav is None:
+            raise InputError("zero-shot needs prompt text and prompt audio (or a saved speaker)")
         check_prompt_text(prompt_text)
         prompt_text = fe.normalize(prompt_text, split=False, text_frontend=text_frontend)
         segs = fe.segments(text, text_frontend)
@@ -534,11 +543,13 @@ class Pipeline:
             inputs.append(fe.frontend_zero_shot(seg, prompt_text, prompt))
         return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
 
-    def cross_lingual(self, text: str, prompt_wav: "Union[AudioInput, PromptAudio]", *, stream: bool = False,
+    def cross_lingual(self, text: str, prompt_wav: "Optional[Union[AudioInput, PromptAudio]]" = None, *,
+                      speaker: Optional[str] = None, stream: bool = False,
                       speed: float = 1.0, seed: int = 0, min_tokens: Optional[int] = None,
                       max_tokens: Optional[int] = None, text_frontend: bool = True,
                       add_default_instruction: bool = True) -> Union[SynthResult, Iterator[StreamChunk]]:
-        """Speak ``text`` (any language) in the voice of ``prompt_wav``; the LLM sees no prompt.
+        """Speak ``text`` (any language) in the voice of ``prompt_wav`` — or of a saved zero-shot
+        ``speaker`` (its prompt audio features) —; the LLM sees no prompt.
 
         CosyVoice3 carries the instruction in the text (``'You are a helpful assistant.<|endofprompt|>...'``,
         which upstream neither normalises nor splits). Text without ``<|endofprompt|>`` is normalised and
@@ -553,7 +564,9 @@ class Pipeline:
                                  "'You are a helpful assistant.<|endofprompt|>' + your text")
             log.info("no <|endofprompt|> in the cross-lingual text: prefixing %r", DEFAULT_INSTRUCTION)
             segs = [DEFAULT_INSTRUCTION + s for s in segs]
-        prompt = fe.prompt_audio(prompt_wav)
+        if (speaker is None) == (prompt_wav is None):
+            raise InputError("cross-lingual needs exactly one of prompt audio and a saved speaker")
+        prompt = fe.prompt_audio(prompt_wav) if speaker is None else fe.speaker_prompt(speaker)[1]
         inputs = [fe.frontend_cross_lingual(seg, prompt) for seg in segs]
         return self._run_inputs(inputs, stream, speed, seed, min_tokens, max_tokens, time.perf_counter() - t0)
 

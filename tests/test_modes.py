@@ -306,7 +306,9 @@ def test_cli_stream_writes_chunks(tmp_path, capsys, cli_pipe, model_dir, wavs):
     (["", "--mode", "zero_shot", "--prompt-wav", "{prompt}", "--prompt-text", PROMPT_TEXT], "empty"),
     (["Hi.", "--mode", "zero_shot", "--prompt-wav", "{prompt}"], "needs --prompt-text"),
     (["Hi.", "--mode", "vc", "--source-wav", "{prompt}", "--prompt-wav", "{prompt}"], "takes no TEXT"),
-    (["Hi.", "--mode", "cross_lingual", "--prompt-wav", "{prompt}", "--speaker", "x"], "does not take --speaker"),
+    (["Hi.", "--mode", "instruct", "--instruct", "Softly.", "--prompt-wav", "{prompt}", "--speaker", "x"],
+     "does not take --speaker"),
+    (["Hi.", "--mode", "cross_lingual", "--prompt-wav", "{prompt}", "--speaker", "x"], "carries its prompt"),
 ])
 def test_cli_errors_exit_2(tmp_path, capsys, cli_pipe, model_dir, no_onnx_dir, wavs, args, needle):
     paths = {k: str(v) for k, v in wavs.items()}
@@ -318,3 +320,84 @@ def test_cli_errors_exit_2(tmp_path, capsys, cli_pipe, model_dir, no_onnx_dir, w
     assert code == 2, (o, err)
     assert needle in err and "Traceback" not in err
     assert not (tmp_path / "x.wav").exists()
+
+
+# ----------------------------------------------------------------------------- saved zero-shot speakers
+
+@pytest.fixture
+def speaker_dir(model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model dir (saving speakers writes its spk2info.pt)."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+def test_saved_speaker_round_trip_and_same_synthesis(speaker_dir, pipe, wavs):
+    """`add_speaker` + `save_speakers` keep the file's speakers, and zero-shot / cross-lingual synthesis
+    from the saved speaker equals synthesis from the recording (upstream's zero_shot_spk_id)."""
+    fe = Frontend(speaker_dir, tokenizer=pipe.tokenizer)
+    before = set(fe.speakers())
+    fe.add_speaker("me", PROMPT_TEXT, str(wavs["prompt"]))
+    path = fe.save_speakers()
+    assert path == speaker_dir / "spk2info.pt" and not (speaker_dir / "spk2info.pt.tmp").exists()
+    fe2 = Frontend(speaker_dir, tokenizer=pipe.tokenizer)
+    assert set(fe2.speakers()) == before | {"me"}
+    ids, p = fe2.speaker_prompt("me")
+    direct = fe2.prompt_audio(str(wavs["prompt"]))
+    assert torch.equal(ids, fe2.encode(PROMPT_TEXT)) and torch.equal(p.speech_token, direct.speech_token)
+    assert torch.equal(p.speech_feat, direct.speech_feat) and torch.equal(p.embedding, direct.embedding)
+    assert torch.equal(fe2.speaker_embedding("me"), direct.embedding)  # sft can use it too
+    pp = Pipeline(pipe.backend, pipe.tokenizer, progress=False)
+    pp.frontend = fe2
+    gen = dict(min_tokens=6, max_tokens=6, seed=3)
+    a = pp.zero_shot("Hello there.", speaker="me", **gen)
+    b = pp.zero_shot("Hello there.", PROMPT_TEXT, str(wavs["prompt"]), **gen)
+    assert a.tokens == b.tokens and torch.equal(a.speech, b.speech)
+    c = pp.cross_lingual("Bonjour.", speaker="me", **gen)
+    d = pp.cross_lingual("Bonjour.", str(wavs["prompt"]), **gen)
+    assert c.tokens == d.tokens and torch.equal(c.speech, d.speech)
+
+
+def test_saved_speaker_errors(speaker_dir, pipe, wavs):
+    fe = Frontend(speaker_dir, tokenizer=pipe.tokenizer)
+    with pytest.raises(InputError, match="only an embedding"):
+        fe.speaker_prompt("random_male")  # an sft speaker of init-model's spk2info.pt
+    with pytest.raises(InputError, match="not in"):
+        fe.speaker_prompt("nobody")
+    with pytest.raises(InputError, match="non-empty"):
+        fe.add_speaker(" ", PROMPT_TEXT, str(wavs["prompt"]))
+    with pytest.raises(InputError, match="<\\|endofprompt\\|>"):
+        fe.add_speaker("x", "no marker here", str(wavs["prompt"]))
+    assert "x" not in fe.speakers()
+    pp = Pipeline(pipe.backend, pipe.tokenizer, progress=False)
+    pp.frontend = fe
+    with pytest.raises(InputError, match="not both"):
+        pp.zero_shot("Hi.", PROMPT_TEXT, str(wavs["prompt"]), speaker="random_male")
+    with pytest.raises(InputError, match="exactly one"):
+        pp.cross_lingual("Hi.")
+
+
+def test_cli_speaker_add_list_and_synth(tmp_path, capsys, cli_pipe, speaker_dir, wavs):
+    code, o, err = cli(capsys, "speaker", "add", "me", "--prompt-wav", str(wavs["prompt"]), "--prompt-text",
+                       PROMPT_TEXT, "--model", str(speaker_dir))
+    assert code == 0, err
+    assert "saved speaker 'me'" in o and str(speaker_dir / "spk2info.pt") in o
+    code, o, err = cli(capsys, "speaker", "list", "--model", str(speaker_dir), "--json")
+    assert code == 0, err
+    kinds = {r["speaker"]: r["kind"] for r in json.loads(o)["speakers"]}
+    assert kinds["me"] == "zero_shot" and kinds["random_male"] == "sft"
+    out = tmp_path / "zs.wav"
+    code, o, err = cli(capsys, "synth", "Hello again.", "--mode", "zero_shot", "--speaker", "me", "--model",
+                       str(speaker_dir), "-o", str(out), "--min-tokens", "6", "--max-tokens", "6", "--json")
+    assert code == 0, err
+    assert json.loads(o)["speech_tokens"] == 6 and out.is_file()
+    code, o, err = cli(capsys, "synth", "Hi.", "--mode", "zero_shot", "--speaker", "me", "--prompt-wav",
+                       str(wavs["prompt"]), "--model", str(speaker_dir))
+    assert code == 2 and "carries its prompt" in err
+    code, o, err = cli(capsys, "synth", "Hi.", "--mode", "zero_shot", "--speaker", "random_male", "--model",
+                       str(speaker_dir), "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and "only an embedding" in err and "Traceback" not in err
+    code, o, err = cli(capsys, "speaker", "add", "bad", "--prompt-wav", str(wavs["notwav"]), "--prompt-text",
+                       PROMPT_TEXT, "--model", str(speaker_dir))
+    assert code == 2 and "Traceback" not in err

@@ -269,15 +269,18 @@ class Frontend:
         """The speaker ids of ``spk2info.pt``."""
         return sorted(self.spk2info)
 
-    def speaker_embedding(self, speaker: str) -> torch.Tensor:
-        """``spk2info.pt``'s embedding of ``speaker`` -> float32 [1, D]."""
+    def _speaker(self, speaker: str) -> Any:
         info = self.spk2info
         if speaker not in info:
             path = self.model_dir / SPK2INFO_FILE
             if not info:
                 raise InputError(f"speaker {speaker!r}: {path} does not exist or has no speakers")
             raise InputError(f"speaker {speaker!r} is not in {path}; known speakers: {', '.join(sorted(info))}")
-        entry = info[speaker]
+        return info[speaker]
+
+    def speaker_embedding(self, speaker: str) -> torch.Tensor:
+        """``spk2info.pt``'s embedding of ``speaker`` -> float32 [1, D]."""
+        entry = self._speaker(speaker)
         emb = entry.get("embedding", entry.get("flow_embedding")) if isinstance(entry, dict) else entry
         if emb is None:
             raise ConfigError(f"{self.model_dir / SPK2INFO_FILE}: speaker {speaker!r} has no 'embedding'")
@@ -417,3 +420,53 @@ class Frontend:
         d.pop("text")
         d.pop("text_len")
         return d
+
+    # -- saved zero-shot speakers (upstream add_zero_shot_spk / save_spkinfo / zero_shot_spk_id) -----
+    def add_speaker(self, speaker: str, prompt_text: str, prompt: Union[AudioInput, PromptAudio]) -> Dict[str, Any]:
+        """Compute the zero-shot prompt inputs of ``prompt`` once and keep them under ``speaker`` in
+        :attr:`spk2info` (in memory; :meth:`save_speakers` writes the file).  An existing entry of
+        that name is replaced."""
+        if not isinstance(speaker, str) or not speaker.strip():
+            raise InputError("a speaker id must be a non-empty string")
+        entry = self.speaker_entry(prompt_text, prompt)
+        self.spk2info[speaker] = entry
+        return entry
+
+    def save_speakers(self, path: Union[str, os.PathLike, None] = None) -> Path:
+        """Write :attr:`spk2info` (the file's speakers plus those added) to ``path`` (default: the
+        model dir's ``spk2info.pt``, as upstream's ``save_spkinfo``), through a temporary file so a
+        failed write leaves the old file intact."""
+        out = Path(path) if path is not None else self.model_dir / SPK2INFO_FILE
+        info = self.spk2info
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            torch.save(info, str(tmp))
+            os.replace(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+        return out
+
+    def speaker_prompt(self, speaker: str) -> Tuple[torch.Tensor, PromptAudio]:
+        """A saved zero-shot speaker's prompt text ids [1, N] and prompt audio features."""
+        entry = self._speaker(speaker)
+        need = ("prompt_text", "flow_prompt_speech_token", "prompt_speech_feat", "flow_embedding")
+        if not isinstance(entry, dict) or any(k not in entry for k in need):
+            raise InputError(
+                f"speaker {speaker!r} in {self.model_dir / SPK2INFO_FILE} has only an embedding (an sft speaker); "
+                "zero-shot and cross-lingual synthesis need a speaker saved with its prompt "
+                "(`cosytools speaker add NAME --prompt-wav W --prompt-text T`), or --prompt-wav")
+        tok = torch.as_tensor(entry["flow_prompt_speech_token"]).long().reshape(1, -1)
+        feat = torch.as_tensor(entry["prompt_speech_feat"]).float().reshape(1, -1, 80)
+        emb = torch.as_tensor(entry["flow_embedding"]).float().reshape(1, -1)
+        prompt_ids = torch.as_tensor(entry["prompt_text"]).long().reshape(1, -1)
+        return prompt_ids, PromptAudio(tok, feat, emb, aligned=feat.shape[1] == 2 * tok.shape[1])
+
+    def frontend_zero_shot_speaker(self, text: str, speaker: str) -> ModelInput:
+        """Inputs of one zero-shot segment from a saved speaker (upstream ``frontend_zero_shot`` with
+        ``zero_shot_spk_id``: the stored prompt text and prompt audio features, the new text)."""
+        prompt_ids, p = self.speaker_prompt(speaker)
+        return ModelInput("zero_shot", text=self.encode(text), prompt_text=prompt_ids,
+                          llm_prompt_speech_token=p.speech_token, flow_prompt_speech_token=p.speech_token,
+                          prompt_speech_feat=p.speech_feat, llm_embedding=p.embedding, flow_embedding=p.embedding,
+                          segment=text)
