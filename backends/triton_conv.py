@@ -17,6 +17,7 @@ kernel (no TF32), half inputs accumulate in float32 as cuBLAS does.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -26,6 +27,8 @@ from torch import Tensor
 from cosytools.models.dit import grouped_conv1d_as_matmul
 
 __all__ = ["grouped_conv1d", "kernel_available", "conv_fn"]
+
+log = logging.getLogger(__name__)
 
 try:  # Triton ships with CUDA builds of torch; CPU builds usually lack it
     import triton
@@ -72,6 +75,18 @@ def kernel_available(x: Tensor, weight: Tensor, groups: int) -> bool:
     return cin in _WIDTHS and cout in _WIDTHS and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+_WARNED = False
+
+
+def _warn_fallback(x: Tensor, weight: Tensor, groups: int) -> None:
+    global _WARNED
+    _WARNED = True
+    why = ("Triton is not installed" if triton is None else
+           f"group widths {weight.shape[1]} -> {weight.shape[0] // groups} / dtype {x.dtype} do not suit the kernel "
+           f"(widths {', '.join(map(str, _WIDTHS))}; float32, float16, bfloat16)")
+    log.warning("conv_pos=triton: %s; using im2col + batched matmul instead", why)
+
+
 class _Conv:
     """The (weight, bias, groups) of a conv in the form :func:`grouped_conv1d_as_matmul` takes."""
 
@@ -85,6 +100,8 @@ def grouped_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     """Unpadded, stride-1 grouped conv1d: x [B, C_in, L + K - 1], weight [C_out, C_in/G, K] ->
     [B, C_out, L] (see the module docstring for where it runs the Triton kernel)."""
     if not kernel_available(x, weight, groups):
+        if x.is_cuda and not _WARNED:
+            _warn_fallback(x, weight, groups)
         return grouped_conv1d_as_matmul(x, _Conv(weight, bias, groups))  # type: ignore[arg-type]
     x = x.contiguous()
     bsz, _, lp = x.shape
