@@ -166,7 +166,7 @@ class HiftRunner:
     """Compiled HiFT decode (see the module docstring for what is compiled, graphed or eager)."""
 
     def __init__(self, hift: torch.nn.Module, compiler: Compiler, *, cuda_graphs: bool, compile_f0: bool = True,
-                 graph_after: int = 2, graph_max: int = 4, full_graph: bool = True) -> None:
+                 graph_after: int = 2, graph_max: int = 16, full_graph: bool = True) -> None:
         self.hift = hift
         self.device = hift.conv_pre.weight.device
         self.compiler = compiler
@@ -175,6 +175,9 @@ class HiftRunner:
         self._body = compiler(hift.decode_body, dynamic=None)
         self._dynamic = compiler.backend != "none"
         self.graphs_on = cuda_graphs and self.device.type == "cuda" and not compiler.inductor_cudagraphs
+        # graph_max: a streamed utterance makes ~5 vocoder calls of distinct lengths (4 chunks + the
+        # final call); with fewer graphs than that, LRU eviction re-captured a graph on every call of
+        # every repetition (each capture: two warm-up runs and a device-wide sync)
         self.graphs = GraphCache(max_size=graph_max, after=graph_after)
         # full_graph: the whole call (F0, source, STFT, conv stack, iSTFT) as one graph per mel
         # length; without it only the conv stack is captured and the rest launches from Python

@@ -261,6 +261,27 @@ def test_triton_grouped_conv_kernel_interpreted():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+def test_hift_graph_cache_holds_a_streamed_utterance(t2w_model):
+    """Repeating a streamed utterance (4 chunk lengths + the final call, which the non-streaming
+    call shares) captures each length once: the HiFT graph caches hold more graphs than one
+    utterance has lengths (with 4, LRU eviction re-captured on every call)."""
+    from backends.compiled_util import GraphCache
+
+    r = backends.create("compiled", t2w_model, capture=False, compile_backend="none").hift_runner
+    for cache in (r.graphs, r.full_graphs):
+        assert cache.max_size >= 8
+
+    def captures(max_size):
+        c, made = GraphCache(max_size=max_size, after=2), []
+        for _ in range(4):  # warm-up + 3 timed repetitions, as `bench --stream`
+            for key in ("full", "c1", "c2", "c3", "c4", "full"):
+                c.get(key, lambda: made.append(1) or object())
+        return len(made)
+
+    assert captures(r.full_graphs.max_size) == 5
+    assert captures(4) > 10
+
+
 # ----------------------------------------------------------------------------- padding
 
 
