@@ -7,8 +7,9 @@
 #           (`parity run` now compiles each part once per folder; the last attempt timed out at
 #           90 s while it still compiled per stage);
 #   part 2: eager bf16 + compiled bf16 --stream (new since the last figures: whole-call HiFT
-#           graph; flow + HiFT target 40 ms, was 46), then with 64-frame flow buckets (650
-#           frames pad to 704, not 768);
+#           graph, HiFT graph cache no longer re-capturing per chunk; flow + HiFT target 40 ms,
+#           was 46), then with 64-frame flow buckets (650 frames pad to 704, not 768) and the
+#           stop check every 4 tokens (first chunk after 28 tokens, not 32);
 #   part 3: compiled bf16 with the Triton position-embedding conv (conv_pos=triton), with the
 #           flow compiled as whole steps (regional=llm), and the stop-check schemes.
 # Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3}    (repository root, on the GPU machine)
@@ -37,7 +38,11 @@ case "$PART" in
   timeout ${T3:-60} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
     | grep -v -i warn > $W/bf16_eager.txt
   bench_compiled bf16_compiled ${T4:-200} --stream
-  bench_compiled bf16_compiled_buckets64 ${T5:-150} --option flow_buckets=$(seq -s: 64 64 1024):1280:1536:2048:3072 ;;
+  # two levers in one run, read from different rows: 64-frame buckets -> the flow row (non-streaming
+  # 650 frames); stop check every 4 tokens -> the first-chunk row (its first flow chunk, 206 frames,
+  # pads to 256 with either bucket set)
+  bench_compiled bf16_compiled_buckets64_k4 ${T5:-180} --stream --option stop_check_every=4 \
+    --option flow_buckets=$(seq -s: 64 64 1024):1280:1536:2048:3072 ;;
 3)
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
   bench_compiled bf16_compiled_triton_conv ${T6:-150} --option conv_pos=triton
