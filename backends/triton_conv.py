@@ -12,7 +12,7 @@ CUDA graphs treat it as one opaque call.  The op runs the kernel on CUDA tensors
 importable and the group widths suit ``tl.dot`` (16, 32, 64 or 128 channels); otherwise — and on
 the CPU, unless ``TRITON_INTERPRET=1`` was set before this module was imported (Triton's
 interpreter, which the tests use) — it computes the same convolution with
-:func:`cosytools.models.dit.grouped_conv1d_as_matmul`.  float32 inputs use IEEE products in the
+:func:`cosytools.models.dit.grouped_conv1d_im2col`.  float32 inputs use IEEE products in the
 kernel (no TF32), half inputs accumulate in float32 as cuBLAS does.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from cosytools.models.dit import grouped_conv1d_as_matmul
+from cosytools.models.dit import grouped_conv1d_im2col
 
 __all__ = ["grouped_conv1d", "kernel_available", "conv_fn"]
 
@@ -87,14 +87,6 @@ def _warn_fallback(x: Tensor, weight: Tensor, groups: int) -> None:
     log.warning("conv_pos=triton: %s; using im2col + batched matmul instead", why)
 
 
-class _Conv:
-    """The (weight, bias, groups) of a conv in the form :func:`grouped_conv1d_as_matmul` takes."""
-
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
-        self.weight, self.bias, self.groups = weight, bias, groups
-        self.kernel_size = (weight.shape[2],)
-
-
 @torch.library.custom_op("cosytools::grouped_conv1d", mutates_args=())
 def grouped_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
     """Unpadded, stride-1 grouped conv1d: x [B, C_in, L + K - 1], weight [C_out, C_in/G, K] ->
@@ -102,7 +94,7 @@ def grouped_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: in
     if not kernel_available(x, weight, groups):
         if x.is_cuda and not _WARNED:
             _warn_fallback(x, weight, groups)
-        return grouped_conv1d_as_matmul(x, _Conv(weight, bias, groups))  # type: ignore[arg-type]
+        return grouped_conv1d_im2col(x, weight, bias, groups)
     x = x.contiguous()
     bsz, _, lp = x.shape
     cout_all, cin, k = weight.shape

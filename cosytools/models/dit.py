@@ -127,21 +127,27 @@ class TimestepEmbedding(nn.Module):
         return self.time_mlp(hidden)
 
 
-def grouped_conv1d_as_matmul(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    """``conv(x)`` for an unpadded, stride-1 grouped ``nn.Conv1d`` computed as one batched matmul
-    over the unfolded input (im2col): [B, C, L + K - 1] -> [B, C_out, L].  Same sum, other order
-    (float round-off); on the GPU far faster than cuDNN's grouped kernel for DiT's 16 groups x 31
-    taps (~580 us per call on an H100 in bf16, docs/benchmarks.md)."""
-    groups, k = conv.groups, conv.kernel_size[0]
+def grouped_conv1d_im2col(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
+    """Unpadded, stride-1 grouped conv1d computed as one batched matmul over the unfolded input
+    (im2col): x [B, C, L + K - 1], weight [C_out, C/groups, K] -> [B, C_out, L].  Same sum, other
+    order (float round-off); on the GPU far faster than cuDNN's grouped kernel for DiT's 16 groups
+    x 31 taps (~580 us per call on an H100 in bf16, docs/benchmarks.md)."""
+    k = weight.shape[2]
     b, c, _ = x.shape
     cin = c // groups
     cols = x.unfold(2, k, 1)  # [B, C, L, K] view
     length = cols.shape[2]
     cols = cols.reshape(b, groups, cin, length, k).permute(1, 0, 3, 2, 4).reshape(groups, b * length, cin * k)
-    w = conv.weight.reshape(groups, -1, cin * k).transpose(1, 2)  # [G, Cin*K, Cout/G]
+    w = weight.reshape(groups, -1, cin * k).transpose(1, 2)  # [G, Cin*K, Cout/G]
     y = torch.bmm(cols, w)  # [G, B*L, Cout/G]
     y = y.reshape(groups, b, length, -1).permute(1, 0, 3, 2).reshape(b, -1, length)
-    return y + conv.bias.view(1, -1, 1) if conv.bias is not None else y
+    return y + bias.view(1, -1, 1) if bias is not None else y
+
+
+def grouped_conv1d_as_matmul(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv(x)`` for an unpadded, stride-1 grouped ``nn.Conv1d`` by :func:`grouped_conv1d_im2col`
+    (the ``conv_fn`` hook form)."""
+    return grouped_conv1d_im2col(x, conv.weight, conv.bias, conv.groups)
 
 
 class CausalConvPositionEmbedding(nn.Module):
