@@ -8,8 +8,11 @@ Stage calls (all tensors batch 1, token tensors integer, on any device):
 ``llm_session(text, prompt_text, prompt_speech_token, max_new_tokens) -> LLMSession``
     prefill; the session exposes ``logp`` (float32 log-probs over ``speech_token_size+200``
     ids for the next token) and ``step(token)`` which feeds one token back (KV-cached).
-``llm_generate(text, prompt_text, prompt_speech_token, *, min_len, max_len, generator, sampled, strict_min_len)``
+``llm_generate(text, prompt_text, prompt_speech_token, *, min_len, max_len, generator, sampled, strict_min_len, exact)``
     yields speech tokens (stop token excluded) with RAS sampling, upstream's length rules.
+    ``exact=True`` asks for draws made exactly as the model's ``ras_sampling`` makes them from
+    ``generator`` (tokens == eager's for a seed: parity replays a dump's RNG this way); a backend
+    that always samples so ignores it, one with a faster sampler of its own (compiled on CUDA) honours it.
     ``strict_min_len=True`` masks *every* stop id (not only upstream's 6561) before ``min_len``,
     so a random-weight model produces exactly ``min_len`` tokens (benchmarks, ``--min-tokens``).
 ``llm_teacher_force(text, prompt_text, prompt_speech_token, forced_tokens)``
@@ -114,7 +117,8 @@ class Backend(abc.ABC):
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                     exact: bool = False) -> Iterator[int]:
         ...
 
     @abc.abstractmethod

@@ -215,14 +215,16 @@ class CompiledBackend(Backend):
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                     exact: bool = False) -> Iterator[int]:
         lm = self._need("llm")
         text = as_ids(text, self.device)
         lo, hi = lm.length_limits(text.shape[1])
         min_len = lo if min_len is None else int(min_len)
         max_len = hi if max_len is None else int(max_len)
         lm_input = self._lm_input(text, prompt_text, prompt_speech_token)
-        yield from self.llm_runner.generate(lm_input, min_len, max_len, generator, sampled, strict_min_len)
+        yield from self.llm_runner.generate(lm_input, min_len, max_len, generator, sampled, strict_min_len,
+                                            exact=True if exact else None)
 
     def llm_teacher_force(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                           forced_tokens: Sequence[int]) -> TeacherForcedResult:

@@ -52,7 +52,8 @@ class EagerBackend(Backend):
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                     exact: bool = False) -> Iterator[int]:
         lm = self._need("llm")
         d = self.device
         yield from lm.inference(as_ids(text, d), as_ids(prompt_text, d), as_ids(prompt_speech_token, d),

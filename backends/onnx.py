@@ -491,7 +491,8 @@ class OnnxBackend(Backend):
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                     exact: bool = False) -> Iterator[int]:
         """As ``CosyVoice3LM.inference``: same length rules, sos masking (every stop id with
         ``strict_min_len``), RAS sampling and stop rule."""
         lm = self._need("llm")

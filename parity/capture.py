@@ -132,7 +132,8 @@ class CapturingBackend:
     def llm_generate(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor, *,
                      min_len: Optional[int] = None, max_len: Optional[int] = None,
                      generator: Optional[torch.Generator] = None,
-                     sampled: Optional[List[int]] = None, strict_min_len: bool = False) -> Iterator[int]:
+                     sampled: Optional[List[int]] = None, strict_min_len: bool = False,
+                     exact: bool = False) -> Iterator[int]:
         sampled = [] if sampled is None else sampled
         seed = generator.initial_seed() if generator is not None else None
         ctx, _ = self._capture("llm")
@@ -140,7 +141,7 @@ class CapturingBackend:
         with ctx as rec:
             for t in self.inner.llm_generate(text, prompt_text, prompt_speech_token, min_len=min_len,
                                              max_len=max_len, generator=generator, sampled=sampled,
-                                             strict_min_len=strict_min_len):
+                                             strict_min_len=strict_min_len, exact=exact):
                 tokens.append(t)
                 yield t
         if self.out_dir is not None:

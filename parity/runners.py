@@ -97,7 +97,7 @@ def _run_llm(backend: Any, dump: Dump, run: StageRun) -> None:
     with taps.capture("llm") as rec:
         tokens = list(backend.llm_generate(*args, min_len=None if min_len is None else int(min_len),
                                            max_len=None if max_len is None else int(max_len),
-                                           generator=gen, sampled=sampled,
+                                           generator=gen, sampled=sampled, exact=True,
                                            strict_min_len=bool(dump.flag("strict_min_len", False))))
     run.add_taps(rec)
     run.add("llm.tap.sampled", torch.tensor([sampled], dtype=torch.int32))

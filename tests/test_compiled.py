@@ -393,6 +393,18 @@ def _stop_prone(model_dir, device="cpu"):
     return m
 
 
+def test_parity_replays_rng_with_device_sampler(llm_model, fixtures):
+    """A backend that samples on the device (the CUDA default) still meets the llm_sample dump:
+    parity asks for ``exact=True``, which draws from the dump's generator as ras_sampling does."""
+    be = backends.create("compiled", llm_model, capture=False, exact_sampling=False, **CHEAP)
+    d = _dump(fixtures, "llm_sample")
+    rep = build_report(d, run_dump(be, d), default_tolerance("llm"))
+    assert rep.passed, rep.first_divergence
+    toks = list(be.llm_generate(*_llm_args(d), min_len=int(d.flag("min_len")), max_len=int(d.flag("max_len")),
+                                generator=torch.Generator().manual_seed(int(d.flag("seed")))))
+    assert toks != d.tensors["llm.out.tokens"].reshape(-1).tolist()  # its own sampler draws differently
+
+
 def test_stop_check_every_k(fixture_model_dir, fixtures):
     """Device sampling: the tokens do not depend on how many steps run between host stop checks;
     steps run after the stop are discarded; exact mode equals eager on the same model."""
