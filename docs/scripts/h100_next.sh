@@ -11,7 +11,8 @@
 #           was 46), then with 64-frame flow buckets (650 frames pad to 704, not 768) and the
 #           stop check every 4 tokens (first chunk after 28 tokens, not 32);
 #   part 3: compiled bf16 with the Triton position-embedding conv (conv_pos=triton), with the
-#           flow compiled as whole steps (regional=llm), and the stop-check schemes.
+#           flow compiled as whole steps (regional=llm), the stop-check schemes, then compiled
+#           float32 (TF32) in the time left.
 # Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3}    (repository root, on the GPU machine)
 set -u -o pipefail
 OUT=${1:?output folder}; PART=${2:?part 1, 2 or 3}
@@ -34,6 +35,9 @@ case "$PART" in
   timeout ${T2:-150} $PY parity run $F/refs --model $F/model --backend compiled --device cuda --dtype float32 \
     > $W/parity_compiled_fp32.txt 2>&1; tail -3 $W/parity_compiled_fp32.txt ;;
 2)
+  # llm_sample on the GPU in float32 now that parity replays the dump's RNG with exact=True
+  timeout ${T9:-90} $PY parity llm --ref $F/refs/llm_sample.safetensors --model $F/model --backend compiled \
+    --device cuda --dtype float32 > $W/parity_llm_sample_fp32.txt 2>&1; tail -4 $W/parity_llm_sample_fp32.txt
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
   timeout ${T3:-60} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
     | grep -v -i warn > $W/bf16_eager.txt
@@ -48,7 +52,9 @@ case "$PART" in
   bench_compiled bf16_compiled_triton_conv ${T6:-150} --option conv_pos=triton
   bench_compiled bf16_compiled_flow_whole ${T7:-200} --option regional=llm
   timeout ${T8:-90} python3 docs/scripts/stop_check.py --model /tmp/cv3-full --device cuda --dtype bf16 \
-    --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt ;;
+    --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt
+  # the float32 figure of the regional build (TF32 on, as the issue allows by a flag), in what time is left
+  left=$(( ${BUDGET:-560} - SECONDS )); [ $left -gt 60 ] && bench_compiled fp32_tf32_compiled $left --dtype float32 ;;
 esac
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
 ls -la "$OUT"
