@@ -34,7 +34,10 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
 ``cuda_graphs``        capture CUDA graphs (default: True on CUDA; ignored on CPU).
 ``exact_sampling``     default True on CPU (tokens == eager's for a seed), **False on CUDA**
                        (device sampling, no per-token host sync).
-``stop_check_every``   device sampling: tokens per host stop check (default 16).
+``stop_check_every``   device sampling: tokens per host stop check (default 4: read asynchronously
+                       it cost nothing measurable on the H100 against 16 or 64 — 1.300 against
+                       1.297 ms/token, docs/benchmarks.md — and a stream's first chunk of 25 + 3
+                       tokens is ready after 28 tokens instead of 32).
 ``async_stop``         device sampling on CUDA: read block b while block b+1 runs (default True).
 ``tf32``               allow TF32 for float32 matmuls and convolutions on CUDA (default False:
                        IEEE float32, although cuDNN convolutions default to TF32 in torch).
@@ -49,7 +52,9 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        bucket (default False); padding and per-bucket graphs stay.  Cuts the
                        first-use compile time of streaming (many buckets) at some kernel speed.
 ``regional``           compile one decoder layer (LLM prefill and decode) and one DiT block, each
-                       reused by all 24 / 22 of them, instead of whole steps (default True).
+                       reused by all 24 / 22 of them, instead of whole steps (default ``llm`` on
+                       CUDA: the flow compiled as whole Euler steps ran 32.2 ms against 37.5 ms
+                       regional on the H100, bf16; ``true`` on CPU, where compile time rules).
                        Cuts compile time roughly by the layer count (H100, full model, bf16:
                        warm-up 70 s against 195 s for whole steps); loses fusion across layer
                        boundaries and leaves the glue between layers uncompiled (inside the CUDA
@@ -57,12 +62,12 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        that part regional, the other compiled as whole steps (the LLM's whole
                        decode step is the slow one to build: 134 s of 195 s on the H100).
 ``conv_pos``           the DiT position embedding's two grouped convolutions (16 groups, 31 taps):
-                       ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
-                       kernel took ~580 us per call on an H100 in bf16) or ``conv`` (the module's
-                       conv1d, default on CPU), or ``triton`` (a direct Triton kernel that reads the
-                       input once instead of writing the 31-tap im2col copy; falls back to
-                       ``matmul`` where Triton or the group width does not suit, see
-                       :mod:`backends.triton_conv`).  Same sum in another order (round-off only).
+                       ``triton`` (a direct Triton kernel that reads the input once instead of
+                       writing the 31-tap im2col copy; the default on CUDA where Triton is
+                       installed; falls back to ``matmul`` where the group width does not suit,
+                       see :mod:`backends.triton_conv`), ``matmul`` (im2col + one batched matmul,
+                       the CUDA default without Triton: cuDNN's grouped kernel took ~580 us per
+                       call on an H100 in bf16) or ``conv`` (the module's conv1d, default on CPU).  Same sum in another order (round-off only).
                        Under ``regional`` the im2col function is compiled as a region of its own.
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
@@ -86,6 +91,7 @@ inductor's code generation; Dynamo tracing and CUDA-graph capture are redone per
 from __future__ import annotations
 
 import collections
+import importlib.util
 import logging
 import os
 import time
@@ -109,15 +115,20 @@ DEFAULT_FLOW_BUCKETS = (128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 179
 #: option -> default; ``None`` = depends on the device (see the module docstring)
 OPTION_DEFAULTS: Dict[str, Any] = {
     "mode": "default", "compile_backend": "inductor", "cuda_graphs": None, "exact_sampling": None,
-    "stop_check_every": 16, "async_stop": None, "tf32": False, "prefill_buckets": DEFAULT_PREFILL_BUCKETS,
+    "stop_check_every": 4, "async_stop": None, "tf32": False, "prefill_buckets": DEFAULT_PREFILL_BUCKETS,
     "flow_buckets": DEFAULT_FLOW_BUCKETS, "flow_dynamic": False, "compile_f0": True, "hift_graph_after": 2,
-    "regional": True, "conv_pos": None, "hift_full_graph": True,
+    "regional": None, "conv_pos": None, "hift_full_graph": True,
 }
 
 ENV_OPTIONS = "COSYTOOLS_COMPILED"
 
 log = logging.getLogger(__name__)
 
+
+
+def triton_installed() -> bool:
+    """Whether Triton can be imported (CUDA builds of torch ship it), without importing it."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _regional_parts(value: Any) -> Tuple[str, ...]:
@@ -149,8 +160,8 @@ class CompiledBackend(Backend):
         o["cuda_graphs"] = bool(cuda if o["cuda_graphs"] is None else o["cuda_graphs"]) and cuda
         o["exact_sampling"] = bool((not cuda) if o["exact_sampling"] is None else o["exact_sampling"])
         o["async_stop"] = bool(cuda if o["async_stop"] is None else o["async_stop"]) and cuda
-        o["regional"] = _regional_parts(o["regional"])
-        o["conv_pos"] = str(o["conv_pos"] or ("matmul" if cuda else "conv"))
+        o["regional"] = _regional_parts(("llm" if cuda else True) if o["regional"] is None else o["regional"])
+        o["conv_pos"] = str(o["conv_pos"] or (("triton" if triton_installed() else "matmul") if cuda else "conv"))
         if o["conv_pos"] not in CONV_POS:
             raise ConfigError(f"compiled backend: conv_pos must be one of {', '.join(CONV_POS)}, "
                               f"got {o['conv_pos']!r}")

@@ -515,6 +515,11 @@ def test_options_env_and_describe(llm_model, monkeypatch):
     be = backends.create("compiled", llm_model, capture=False, stop_check_every=3)
     assert isinstance(be, CompiledBackend) and be.opts["stop_check_every"] == 3  # keyword beats env
     assert be.opts["compile_backend"] == "none" and not be.opts["cuda_graphs"] and be.opts["exact_sampling"]
+    # CPU defaults: both parts regional (compile time), the module's conv, a stop check every 4 tokens
+    monkeypatch.delenv("COSYTOOLS_COMPILED")
+    plain = backends.create("compiled", llm_model, capture=False)
+    assert plain.opts["regional"] == ("llm", "flow") and plain.opts["conv_pos"] == "conv"
+    assert plain.opts["stop_check_every"] == 4
     desc = be.describe()
     assert desc["backend"] == "compiled" and desc["prefill_buckets"].startswith("32:64")
     with pytest.raises(ConfigError, match="unknown option"):
@@ -632,6 +637,8 @@ def test_cuda_graphs_pass_the_dumps(cuda_model, fixtures):
     be = backends.create("compiled", cuda_model, capture=False)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert be.opts["cuda_graphs"] and not be.opts["exact_sampling"] and be.opts["async_stop"]
+    # CUDA defaults: the flow compiled as whole steps, the Triton position-embedding conv
+    assert be.opts["regional"] == ("llm",) and be.opts["conv_pos"] == "triton"
     for name in ("llm_teacher", "flow_full", "flow_stream_0", "flow_stream_1", "flow_stream_full",
                  "hift_full", "hift_chunk_0", "hift_chunk_0", "hift_chunk_1", "hift_chunk_1", "e2e"):
         rep, bad = _passes(be, _dump(fixtures, name))

@@ -13,9 +13,10 @@
 #   part 3: compiled bf16 with the Triton position-embedding conv (conv_pos=triton), with the
 #           flow compiled as whole steps (regional=llm), the stop-check schemes, then compiled
 #           float32 (TF32) in the time left.
-# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3}    (repository root, on the GPU machine)
+#   part 4: the defaults chosen from parts 1-3, with eager in the same call and fixture parity.
+# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4}    (repository root, on the GPU machine)
 set -u -o pipefail
-OUT=${1:?output folder}; PART=${2:?part 1, 2 or 3}
+OUT=${1:?output folder}; PART=${2:?part 1, 2, 3 or 4}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures
 PY="python3 -m cosytools"
 W=/tmp/run; mkdir -p "$OUT" $W
@@ -55,6 +56,18 @@ case "$PART" in
     --json "$OUT/stop_check.json" 2>&1 | grep -v -i warn | tee $W/stop_check.txt
   # the float32 figure of the regional build (TF32 on, as the issue allows by a flag), in what time is left
   left=$(( ${BUDGET:-560} - SECONDS )); [ $left -gt 60 ] && bench_compiled fp32_tf32_compiled $left --dtype float32 ;;
+4)  # the new defaults (flow compiled as whole steps, Triton position-embedding conv, stop check
+    # every 4): eager baseline, compiled --stream, fixture parity bf16 + float32, then the
+    # im2col matmul conv for comparison in the time left
+  timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
+  timeout ${T3:-70} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
+    | grep -v -i warn > $W/bf16_eager.txt; grep -E "tokens/s|flow |hift |end to end|RTF" $W/bf16_eager.txt
+  bench_compiled bf16_compiled_defaults ${T4:-220} --stream
+  COSYTOOLS_COMPILED=tf32=true timeout ${T1:-130} $PY parity run $F/refs --model $F/model --backend compiled \
+    --device cuda --dtype bf16 > $W/parity_compiled_bf16.txt 2>&1; tail -17 $W/parity_compiled_bf16.txt
+  timeout ${T2:-110} $PY parity run $F/refs --model $F/model --backend compiled --device cuda --dtype float32 \
+    > $W/parity_compiled_fp32.txt 2>&1; tail -17 $W/parity_compiled_fp32.txt
+  left=$(( ${BUDGET:-560} - SECONDS )); [ $left -gt 50 ] && bench_compiled bf16_compiled_matmul_conv $left --option conv_pos=matmul ;;
 esac
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
 ls -la "$OUT"
