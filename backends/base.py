@@ -102,6 +102,13 @@ class Backend(abc.ABC):
         """``[T]`` int32 length tensors of the given ``[1, T, …]`` tensors (upstream's *_len arguments)."""
         return tuple(torch.tensor([t.shape[1]], dtype=torch.int32, device=t.device) for t in ts)
 
+    @property
+    def token_block(self) -> int:
+        """How many tokens ``llm_generate`` hands over at once (1: each as it is sampled).  A backend
+        that samples on the device and checks for the stop every k tokens delivers k at a time;
+        ``bench`` uses it to time decoding from the first delivery on."""
+        return 1
+
     def describe(self) -> Dict[str, Any]:
         """Settings worth printing next to results (backend name, device, dtype, options)."""
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),

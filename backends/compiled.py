@@ -62,12 +62,13 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        that part regional, the other compiled as whole steps (the LLM's whole
                        decode step is the slow one to build: 134 s of 195 s on the H100).
 ``conv_pos``           the DiT position embedding's two grouped convolutions (16 groups, 31 taps):
-                       ``triton`` (a direct Triton kernel that reads the input once instead of
-                       writing the 31-tap im2col copy; the default on CUDA where Triton is
-                       installed; falls back to ``matmul`` where the group width does not suit,
-                       see :mod:`backends.triton_conv`), ``matmul`` (im2col + one batched matmul,
-                       the CUDA default without Triton: cuDNN's grouped kernel took ~580 us per
-                       call on an H100 in bf16) or ``conv`` (the module's conv1d, default on CPU).  Same sum in another order (round-off only).
+                       ``matmul`` (im2col + one batched matmul, default on CUDA: cuDNN's grouped
+                       kernel took ~580 us per call on an H100 in bf16), ``conv`` (the module's
+                       conv1d, default on CPU) or ``triton`` (a direct Triton kernel that reads the
+                       input once instead of writing the 31-tap im2col copy; falls back to
+                       ``matmul`` where Triton or the group width does not suit, see
+                       :mod:`backends.triton_conv`; with the flow regional it ran 35.8 ms against
+                       37.5 ms for ``matmul`` on the H100, not yet measured with whole steps).  Same sum in another order (round-off only).
                        Under ``regional`` the im2col function is compiled as a region of its own.
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
@@ -91,7 +92,6 @@ inductor's code generation; Dynamo tracing and CUDA-graph capture are redone per
 from __future__ import annotations
 
 import collections
-import importlib.util
 import logging
 import os
 import time
@@ -126,11 +126,6 @@ log = logging.getLogger(__name__)
 
 
 
-def triton_installed() -> bool:
-    """Whether Triton can be imported (CUDA builds of torch ship it), without importing it."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def _regional_parts(value: Any) -> Tuple[str, ...]:
     """The ``regional`` option as the parts it applies to: True -> (llm, flow), False -> ()."""
     if isinstance(value, str) and value.lower() in ("llm", "flow"):
@@ -161,7 +156,7 @@ class CompiledBackend(Backend):
         o["exact_sampling"] = bool((not cuda) if o["exact_sampling"] is None else o["exact_sampling"])
         o["async_stop"] = bool(cuda if o["async_stop"] is None else o["async_stop"]) and cuda
         o["regional"] = _regional_parts(("llm" if cuda else True) if o["regional"] is None else o["regional"])
-        o["conv_pos"] = str(o["conv_pos"] or (("triton" if triton_installed() else "matmul") if cuda else "conv"))
+        o["conv_pos"] = str(o["conv_pos"] or ("matmul" if cuda else "conv"))
         if o["conv_pos"] not in CONV_POS:
             raise ConfigError(f"compiled backend: conv_pos must be one of {', '.join(CONV_POS)}, "
                               f"got {o['conv_pos']!r}")
@@ -219,6 +214,10 @@ class CompiledBackend(Backend):
         return self._hift
 
     # -- LLM --------------------------------------------------------------------------------
+    @property
+    def token_block(self) -> int:
+        return 1 if self.opts["exact_sampling"] else int(self.opts["stop_check_every"])
+
     def llm_session(self, text: torch.Tensor, prompt_text: torch.Tensor, prompt_speech_token: torch.Tensor,
                     max_new_tokens: int) -> LLMSession:
         return self.llm_runner.session(self._lm_input(text, prompt_text, prompt_speech_token), max_new_tokens)

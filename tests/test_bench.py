@@ -30,3 +30,26 @@ def test_bench_eager_tiny_json_schema(tmp_path, capsys, fixture_model_dir):
     # same backend, same seed: identical outputs
     assert r1["parity_vs_first"]["tokens"]["passed"] and r1["parity_vs_first"]["speech"]["passed"]
     assert plot.stat().st_size > 0
+
+
+def test_decode_rate_counts_tokens_after_the_first_block(monkeypatch, fixture_model_dir):
+    """A backend that hands tokens over in blocks of k (device sampling): the decode rate is the
+    n - k tokens after the first delivery over the time after it, not n - 1 over that time."""
+    import itertools
+
+    import backends
+    from cosytools import bench
+    from cosytools.loading import load_model
+
+    be = backends.create("compiled", load_model(fixture_model_dir, components=("llm",)), capture=False,
+                         compile_backend="none", exact_sampling=False, stop_check_every=5, prefill_buckets=(64,))
+    assert be.token_block == 5
+    assert backends.create("eager", be.model, capture=False).token_block == 1
+    clock = itertools.count()  # every perf_counter() call advances one "second"
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    inp = bench.make_inputs(text_tokens=8, speech_tokens=20, prompt_seconds=1.0, seed=0)
+    toks, t_first, t_total = bench._generate(be, inp, seed=0)
+    assert len(toks) == 20
+    r = bench._decode_rates(be, len(toks), t_first, t_total)
+    assert r["llm_tokens_per_s"] == (20 - 5) / (t_total - t_first)
+    assert r["llm_decode_per_token_s"] == (t_total - t_first) / (20 - 5)

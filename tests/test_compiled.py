@@ -637,8 +637,8 @@ def test_cuda_graphs_pass_the_dumps(cuda_model, fixtures):
     be = backends.create("compiled", cuda_model, capture=False)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert be.opts["cuda_graphs"] and not be.opts["exact_sampling"] and be.opts["async_stop"]
-    # CUDA defaults: the flow compiled as whole steps, the Triton position-embedding conv
-    assert be.opts["regional"] == ("llm",) and be.opts["conv_pos"] == "triton"
+    # CUDA defaults: the flow compiled as whole steps, the im2col matmul position-embedding conv
+    assert be.opts["regional"] == ("llm",) and be.opts["conv_pos"] == "matmul"
     for name in ("llm_teacher", "flow_full", "flow_stream_0", "flow_stream_1", "flow_stream_full",
                  "hift_full", "hift_chunk_0", "hift_chunk_0", "hift_chunk_1", "hift_chunk_1", "e2e"):
         rep, bad = _passes(be, _dump(fixtures, name))
