@@ -89,7 +89,7 @@ class FlowRunner:
         elif conv_pos == "triton":  # a direct kernel, one opaque custom op (backends.triton_conv)
             from .triton_conv import conv_fn as triton_conv_fn
             self._conv_fn = triton_conv_fn
-        self.graphs = GraphCache(max_size=32, after=1)
+        self.graphs = GraphCache(max_size=32, after=1, name="flow (mel bucket, streaming)")
 
     def bucket_len(self, length: int) -> int:
         return bucket(length, self.buckets, 256)
@@ -178,11 +178,11 @@ class HiftRunner:
         # graph_max: a streamed utterance makes ~5 vocoder calls of distinct lengths (4 chunks + the
         # final call); with fewer graphs than that, LRU eviction re-captured a graph on every call of
         # every repetition (each capture: two warm-up runs and a device-wide sync)
-        self.graphs = GraphCache(max_size=graph_max, after=graph_after)
+        self.graphs = GraphCache(max_size=graph_max, after=graph_after, name="HiFT conv stack")
         # full_graph: the whole call (F0, source, STFT, conv stack, iSTFT) as one graph per mel
         # length; without it only the conv stack is captured and the rest launches from Python
         self.full_graph = bool(full_graph) and self.graphs_on
-        self.full_graphs = GraphCache(max_size=graph_max, after=graph_after)
+        self.full_graphs = GraphCache(max_size=graph_max, after=graph_after, name="HiFT whole call (mel frames, finalize)")
 
     def _mark(self, *ts: Tensor) -> None:
         if self._dynamic:

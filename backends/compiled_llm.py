@@ -395,7 +395,7 @@ class LLMRunner:
         self._layer_fns: Optional[Tuple[Callable, Callable]] = None
         self.statics: Dict[int, StaticLM] = {}
         self.fns: Dict[int, Dict[str, Callable]] = {}
-        self.graphs = GraphCache(max_size=64, after=1)
+        self.graphs = GraphCache(max_size=64, after=1, name="LLM")
         self._pinned: Optional[torch.Tensor] = None
         self.steps_run = 0  # device-sampling steps executed (including the discarded ones after a stop)
 

@@ -170,8 +170,8 @@ class GraphCache:
     on first use; 2: only shapes seen twice, e.g. repeated streaming chunk lengths).
     """
 
-    def __init__(self, max_size: int = 8, after: int = 1) -> None:
-        self.max_size, self.after = max_size, after
+    def __init__(self, max_size: int = 8, after: int = 1, name: str = "") -> None:
+        self.max_size, self.after, self.name = max_size, after, name
         self.graphs: "OrderedDict[Hashable, GraphedCall]" = OrderedDict()
         self.seen: Dict[Hashable, int] = {}
         self.capture_seconds = 0.0
@@ -187,7 +187,11 @@ class GraphCache:
             return None
         t0 = time.perf_counter()
         g = make()
-        self.capture_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.capture_seconds += dt
+        # a first use compiles too (whole-step flow builds take ~30 s per bucket on an H100):
+        # say what the wait was for
+        log.info("captured %s graph %s in %.1f s (compilation on first use included)", self.name or "a", key, dt)
         self.graphs[key] = g
         while len(self.graphs) > self.max_size:
             self.graphs.popitem(last=False)
