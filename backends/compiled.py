@@ -68,7 +68,8 @@ explicit keyword arguments win; tuples are written ``16:32:64``):
                        input once instead of writing the 31-tap im2col copy; falls back to
                        ``matmul`` where Triton or the group width does not suit, see
                        :mod:`backends.triton_conv`; with the flow regional it ran 35.8 ms against
-                       37.5 ms for ``matmul`` on the H100, not yet measured with whole steps).  Same sum in another order (round-off only).
+                       37.5 ms for ``matmul`` on the H100, not yet measured with whole steps).
+                       Same sum in another order (round-off only).
                        Under ``regional`` the im2col function is compiled as a region of its own.
 ``compile_f0``         compile the float64 F0 predictor (default True).
 ``hift_graph_after``   capture a HiFT graph for a mel length once seen this often (default 2).
