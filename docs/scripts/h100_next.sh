@@ -70,7 +70,10 @@ case "$PART" in
     > $W/parity_compiled_fp32.txt 2>&1; tail -17 $W/parity_compiled_fp32.txt
   left=$(( ${BUDGET:-560} - SECONDS )); [ $left -gt 50 ] && bench_compiled bf16_compiled_matmul_conv $left --option conv_pos=matmul ;;
 5)  # what part 4 could not finish: the streaming first chunk with the new defaults (cold
-    # whole-step builds of the streaming flow buckets need more than 220 s) and float32 parity
+    # whole-step builds of the streaming flow buckets need more than 220 s) and float32 parity;
+    # first the CUDA test that asserts the new defaults
+  timeout ${T0:-90} python3 -m pytest -q -x tests/test_compiled.py -k graphs_pass_the_dumps -p no:cacheprovider \
+    > $W/cuda_defaults_test.txt 2>&1; tail -2 $W/cuda_defaults_test.txt
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
   timeout ${T3:-70} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
     | grep -v -i warn > $W/bf16_eager.txt; grep -E "tokens/s|flow |hift |end to end|RTF" $W/bf16_eager.txt
