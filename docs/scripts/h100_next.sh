@@ -14,10 +14,11 @@
 #           flow compiled as whole steps (regional=llm), the stop-check schemes, then compiled
 #           float32 (TF32) in the time left.
 #   part 4: the defaults chosen from parts 1-3, with eager in the same call and fixture parity;
-#   part 5: what part 4 ran out of time for (streaming first chunk, float32 parity of the defaults).
-# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4|5}    (repository root, on the GPU machine)
+#   part 5: what part 4 ran out of time for: the streaming first chunk of the new defaults;
+#   part 6: float32 (and bf16) fixture parity of the new defaults.
+# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4|5|6}    (repository root, on the GPU machine)
 set -u -o pipefail
-OUT=${1:?output folder}; PART=${2:?part 1 to 5}
+OUT=${1:?output folder}; PART=${2:?part 1 to 6}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures
 PY="python3 -m cosytools"
 W=/tmp/run; mkdir -p "$OUT" $W
@@ -77,9 +78,12 @@ case "$PART" in
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
   timeout ${T3:-70} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
     | grep -v -i warn > $W/bf16_eager.txt; grep -E "tokens/s|flow |hift |end to end|RTF" $W/bf16_eager.txt
-  bench_compiled bf16_compiled_defaults_stream ${T4:-330} --stream
-  timeout ${T2:-150} $PY parity run $F/refs --model $F/model --backend compiled --device cuda --dtype float32 \
-    > $W/parity_compiled_fp32.txt 2>&1; tail -17 $W/parity_compiled_fp32.txt ;;
+  bench_compiled bf16_compiled_defaults_stream ${T4:-330} --stream ;;
+6)  # float32 fixture parity of the new defaults (part 4's run hit 110 s while compiling), bf16 too
+  timeout ${T2:-240} $PY parity run $F/refs --model $F/model --backend compiled --device cuda --dtype float32 \
+    > $W/parity_compiled_fp32.txt 2>&1; tail -17 $W/parity_compiled_fp32.txt
+  COSYTOOLS_COMPILED=tf32=true timeout ${T1:-200} $PY parity run $F/refs --model $F/model --backend compiled \
+    --device cuda --dtype bf16 > $W/parity_compiled_bf16.txt 2>&1; tail -17 $W/parity_compiled_bf16.txt ;;
 esac
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
 ls -la "$OUT"
