@@ -15,10 +15,12 @@
 #           float32 (TF32) in the time left.
 #   part 4: the defaults chosen from parts 1-3, with eager in the same call and fixture parity;
 #   part 5: what part 4 ran out of time for: the streaming first chunk of the new defaults;
-#   part 6: float32 (and bf16) fixture parity of the new defaults.
-# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4|5|6}    (repository root, on the GPU machine)
+#   part 6: float32 (and bf16) fixture parity of the new defaults;
+#   part 7: the fifth session's calls 3-6: flow_dynamic with whole steps (cold-build time), the
+#           Triton position-embedding conv with whole steps, its fixture parity, its first chunk.
+# Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4|5|6|7}    (repository root, on the GPU machine)
 set -u -o pipefail
-OUT=${1:?output folder}; PART=${2:?part 1 to 6}
+OUT=${1:?output folder}; PART=${2:?part 1 to 7}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor COSYTOOLS_FIXTURES=$PWD/.gpu/fixtures
 PY="python3 -m cosytools"
 W=/tmp/run; mkdir -p "$OUT" $W
@@ -84,6 +86,15 @@ case "$PART" in
     > $W/parity_compiled_fp32.txt 2>&1; tail -17 $W/parity_compiled_fp32.txt
   COSYTOOLS_COMPILED=tf32=true timeout ${T1:-200} $PY parity run $F/refs --model $F/model --backend compiled \
     --device cuda --dtype bf16 > $W/parity_compiled_bf16.txt 2>&1; tail -17 $W/parity_compiled_bf16.txt ;;
+7)  # flow_dynamic with the flow as whole steps: one symbolic-length build instead of one per bucket?
+  [ -d /tmp/cv3-full ] || timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
+  bench_compiled bf16_compiled_flow_dynamic_stream ${T10:-450} --option flow_dynamic=true --stream
+  bench_compiled bf16_compiled_whole_triton_conv ${T11:-330} --option conv_pos=triton
+  COSYTOOLS_COMPILED=conv_pos=triton timeout ${T2:-250} $PY parity run $F/refs --model $F/model --backend compiled \
+    --device cuda --dtype float32 > $W/parity_triton_fp32.txt 2>&1; tail -17 $W/parity_triton_fp32.txt
+  COSYTOOLS_COMPILED=conv_pos=triton,tf32=true timeout ${T1:-200} $PY parity run $F/refs --model $F/model \
+    --backend compiled --device cuda --dtype bf16 > $W/parity_triton_bf16.txt 2>&1; tail -17 $W/parity_triton_bf16.txt
+  bench_compiled bf16_compiled_whole_triton_conv_stream ${T12:-400} --option conv_pos=triton --stream ;;
 esac
 tar czf "$OUT/logs$PART.tgz" -C $W . 2>/dev/null
 ls -la "$OUT"
