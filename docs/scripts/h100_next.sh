@@ -17,7 +17,8 @@
 #   part 5: what part 4 ran out of time for: the streaming first chunk of the new defaults;
 #   part 6: float32 (and bf16) fixture parity of the new defaults;
 #   part 7: the fifth session's calls 3-6: flow_dynamic with whole steps (cold-build time), the
-#           Triton position-embedding conv with whole steps, its fixture parity, its first chunk.
+#           Triton position-embedding conv with whole steps, its fixture parity, its first chunk
+#           (more than one call's 10 minutes cold: ran as four calls on one warm machine).
 # Usage: bash docs/scripts/h100_next.sh OUT_DIR {1|2|3|4|5|6|7}    (repository root, on the GPU machine)
 set -u -o pipefail
 OUT=${1:?output folder}; PART=${2:?part 1 to 7}
