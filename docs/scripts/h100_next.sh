@@ -76,7 +76,7 @@ case "$PART" in
 5)  # what part 4 could not finish: the streaming first chunk with the new defaults (cold
     # whole-step builds of the streaming flow buckets need more than 220 s) and float32 parity;
     # first the CUDA test that asserts the new defaults
-  timeout ${T0:-90} python3 -m pytest -q -x tests/test_compiled.py -k graphs_pass_the_dumps -p no:cacheprovider \
+  timeout ${T0:-240} python3 -m pytest -q -x tests/test_compiled.py -k graphs_pass_the_dumps -p no:cacheprovider \
     > $W/cuda_defaults_test.txt 2>&1; tail -2 $W/cuda_defaults_test.txt
   timeout 120 $PY init-model --preset full /tmp/cv3-full > /dev/null 2>&1
   timeout ${T3:-70} $PY -v bench --backend eager $B --warmup 1 --repeat 2 --json "$OUT/bf16_eager.json" 2>&1 \
